@@ -1,0 +1,184 @@
+"""Checkpoints: a directory of safetensors weights plus JSON, written atomically.
+
+    model.safetensors   weights (never pickle)
+    config.json         CLIPConfig
+    tokenizer.json      Hugging Face tokenizer (+ our max_length)
+    meta.json           step, metrics, class names, creation time, content hash
+
+The content hash (SHA-256 over weights, config and tokenizer) is the model's identity:
+an index records it and refuses to be searched with another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .clip import CLIP
+from .config import CLIPConfig
+from .errors import CheckpointError, ConfigError
+from .tokenizer import CLIPTokenizer
+from .vision import interpolate_pos_embed
+
+WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.json", "tokenizer.json", "meta.json"
+
+
+def content_hash(directory: str | Path) -> str:
+    """SHA-256 over the weights, config and tokenizer files, in that order."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        with open(Path(directory) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    directory: str | Path, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any] | None = None
+) -> str:
+    """Write a checkpoint directory atomically and return its content hash.
+
+    Files go to a temporary sibling first, then one rename publishes them; an existing
+    checkpoint is swapped out only after the new one is complete, so a kill at any
+    moment leaves either the old or the new checkpoint, never a half-written one.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(model.cfg.to_json(), encoding="utf-8")
+        tokenizer.save(tmp / TOKENIZER)
+        digest = content_hash(tmp)
+        meta = dict(meta or {})
+        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        meta["content_hash"] = digest
+        meta["params"] = model.num_params()
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        for name in (WEIGHTS, CONFIG, TOKENIZER, META):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}-{time.time_ns()}"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+        _fsync_dir(directory.parent)
+        return digest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing: not a clipforge checkpoint") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def update_meta(directory: str | Path, **changes: Any) -> dict[str, Any]:
+    """Merge keys into meta.json atomically (e.g. evaluation results). The hash is unaffected."""
+    meta = read_meta(directory)
+    meta.update(changes)
+    path = Path(directory) / META
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return meta
+
+
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu", verify: bool = True, img_size: int | None = None
+) -> tuple[CLIP, CLIPTokenizer, dict[str, Any]]:
+    """Rebuild the model and tokenizer from a checkpoint directory, in eval mode.
+
+    verify recomputes the content hash and refuses a checkpoint whose files changed.
+    img_size serves the model at another resolution (position embeddings are interpolated).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    for name in (WEIGHTS, CONFIG, TOKENIZER, META):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {directory} is missing {name}")
+    meta = read_meta(directory)
+    if verify:
+        expected = meta.get("content_hash")
+        actual = content_hash(directory)
+        if expected and expected != actual:
+            raise CheckpointError(
+                f"checkpoint {directory} is corrupt or was modified: content hash {actual[:12]} "
+                f"does not match the recorded {str(expected)[:12]}"
+            )
+        meta["content_hash"] = actual
+    try:
+        cfg = CLIPConfig.from_dict(json.loads((directory / CONFIG).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG} is not valid JSON: {exc}") from exc
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory / CONFIG}: {exc}") from exc
+    try:
+        tokenizer = CLIPTokenizer.load(directory / TOKENIZER)
+    except Exception as exc:  # tokenizers raises plain Exception subclasses on bad JSON
+        raise CheckpointError(f"{directory / TOKENIZER} is not a valid tokenizer: {exc}") from exc
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS} cannot be read: {exc}") from exc
+
+    trained_size = cfg.img_size
+    if img_size is not None and img_size != cfg.img_size:
+        cfg = cfg.replace(img_size=img_size)
+    model = CLIP(cfg)
+    if trained_size != cfg.img_size and "visual.pos_embed" in state:
+        state["visual.pos_embed"] = interpolate_pos_embed(state["visual.pos_embed"], cfg.img_size // cfg.patch_size)
+    expected_state = model.state_dict()
+    missing = sorted(set(expected_state) - set(state))
+    unexpected = sorted(set(state) - set(expected_state))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s): {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"checkpoint {directory} does not match its config ({'; '.join(parts)})")
+    for name, tensor in state.items():
+        if tensor.shape != expected_state[name].shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint but the config "
+                f"expects {tuple(expected_state[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return model, tokenizer, meta

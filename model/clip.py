@@ -1,0 +1,138 @@
+"""The assembled CLIP: two towers, projections to a shared space, a learnable temperature.
+
+Plus the model's small utilities: weight init, parameter counts, optimizer groups,
+FLOPs and MFU estimates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPConfig
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg)
+        self.text = TextTransformer(cfg)
+        self.image_proj = nn.Linear(cfg.img_dim, cfg.align_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.align_dim, bias=False)
+        # log of the inverse temperature, CLIP's parameterisation: exp() keeps it positive.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.apply(self._init_weights)
+        # GPT-2 style: scale residual projections by depth so deep towers start stable.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                n_layers = cfg.img_n_layers if name.startswith("visual") else cfg.text_n_layers
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, VisionTransformer):
+            nn.init.normal_(module.cls_token, std=0.02)
+            nn.init.normal_(module.pos_embed, std=0.01)
+        elif isinstance(module, TextTransformer) and module.pos_embed is not None:
+            nn.init.normal_(module.pos_embed, std=0.01)
+
+    # ------------------------------------------------------------------ public API
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, C, H, W) normalised pixels -> (B, align_dim) embeddings."""
+        feats = self.image_proj(self.visual.forward_features(pixels))
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, T) right-padded token ids -> (B, align_dim) embeddings."""
+        if ids.shape[0] == 0:
+            return ids.new_zeros((0, self.cfg.align_dim), dtype=self.text_proj.weight.dtype)
+        feats = self.text_proj(self.text(ids))
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def scale(self) -> torch.Tensor:
+        """The logit scale exp(t), clamped so it never exceeds max_logit_scale."""
+        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-to-text and text-to-image logits, (B_img, B_txt) and its transpose."""
+        img = self.encode_image(pixels)
+        txt = self.encode_text(ids)
+        logits = self.scale() * img @ txt.t()
+        return logits, logits.t()
+
+    @torch.no_grad()
+    def similarity(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """For each image, a probability distribution over the given texts."""
+        logits, _ = self.forward(pixels, ids)
+        return logits.softmax(dim=-1)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored parameter too (called after each optimizer step)."""
+        self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
+
+    # ------------------------------------------------------------------ utilities
+    def num_params(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        image = count(self.visual) + self.image_proj.weight.numel()
+        text = count(self.text) + self.text_proj.weight.numel()
+        return {"image": image, "text": text, "total": count(self)}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on matrices only; none on norms, biases, CLS, positions, temperature."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim < 2 or name.endswith(("cls_token", "pos_embed")) or name == "logit_scale":
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def flops_per_image(self) -> float:
+        return estimate_image_flops(self.cfg)
+
+    def flops_per_text(self, seq_len: int | None = None) -> float:
+        return estimate_text_flops(self.cfg, seq_len)
+
+    def estimate_mfu(self, samples_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation of a training run: 3x forward FLOPs (fwd + bwd) / peak."""
+        per_sample = 3 * (self.flops_per_image() + self.flops_per_text(seq_len))
+        return per_sample * samples_per_second / peak_flops
+
+
+def _tower_flops(tokens: int, dim: int, layers: int, mlp_ratio: float, kv_frac: float = 1.0) -> float:
+    """Forward FLOPs (2 per multiply-add) of a transformer stack on one sequence."""
+    qkv = 2 * tokens * dim * dim * (1 + 2 * kv_frac)
+    proj = 2 * tokens * dim * dim
+    mlp = 2 * 2 * tokens * dim * int(dim * mlp_ratio)
+    attn = 2 * 2 * tokens * tokens * dim
+    return layers * (qkv + proj + mlp + attn)
+
+
+def estimate_image_flops(cfg: CLIPConfig) -> float:
+    tokens = cfg.n_patches + 1
+    patch = 2 * cfg.n_patches * cfg.channel * cfg.patch_size**2 * cfg.img_dim
+    return patch + _tower_flops(tokens, cfg.img_dim, cfg.img_n_layers, cfg.img_mlp_ratio) + 2 * cfg.img_dim * cfg.align_dim
+
+
+def estimate_text_flops(cfg: CLIPConfig, seq_len: int | None = None) -> float:
+    t = seq_len or cfg.max_seq_len
+    kv_frac = cfg.text_n_kv_heads / cfg.text_n_heads
+    return _tower_flops(t, cfg.text_dim, cfg.text_n_layers, cfg.text_mlp_ratio, kv_frac) + 2 * cfg.text_dim * cfg.align_dim

@@ -1,0 +1,178 @@
+"""The model configuration: one validated dataclass and the named presets.
+
+Every hyperparameter of the architecture lives here so a checkpoint's `config.json`
+is enough to rebuild the model exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CLIPConfig:
+    # shared
+    eps: float = 1e-6
+    is_flash: bool = True  # F.scaled_dot_product_attention; False selects the plain math path
+    align_dim: int = 512
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    # image tower (ViT)
+    img_size: int = 224
+    patch_size: int = 16
+    channel: int = 3
+    img_dim: int = 384
+    img_n_heads: int = 6
+    img_n_layers: int = 12
+    img_mlp_ratio: float = 4.0
+    img_dropout_rate: float = 0.0
+    img_pool: str = "cls"  # "cls" or "mean"
+    num_classes: int | None = None  # optional classification head on the pooled image feature
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    # text tower (GPT-style, causal)
+    vocab_size: int = 6400
+    max_seq_len: int = 64
+    text_dim: int = 768
+    text_n_heads: int = 12
+    text_n_kv_heads: int = 3
+    text_n_layers: int = 12
+    text_mlp_ratio: float = 4.0
+    text_dropout_rate: float = 0.0
+    text_pos: str = "rope"  # "rope" or "learned"
+    rope_theta: float = 10000.0
+    pad_token_id: int = 0
+    sot_token_id: int = 1
+    eot_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+        for name in (
+            "eps", "align_dim", "img_size", "patch_size", "channel", "img_dim", "img_n_heads",
+            "img_n_layers", "img_mlp_ratio", "vocab_size", "max_seq_len", "text_dim",
+            "text_n_heads", "text_n_kv_heads", "text_n_layers", "text_mlp_ratio", "rope_theta",
+            "init_temperature", "max_logit_scale",
+        ):
+            positive(name)
+        for name in ("img_dropout_rate", "text_dropout_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.img_dim % self.img_n_heads:
+            raise ConfigError(f"img_dim ({self.img_dim}) must be divisible by img_n_heads ({self.img_n_heads})")
+        if self.text_dim % self.text_n_heads:
+            raise ConfigError(f"text_dim ({self.text_dim}) must be divisible by text_n_heads ({self.text_n_heads})")
+        if self.text_n_heads % self.text_n_kv_heads:
+            raise ConfigError(
+                f"text_n_heads ({self.text_n_heads}) must be divisible by text_n_kv_heads ({self.text_n_kv_heads})"
+            )
+        if self.text_pos == "rope" and (self.text_dim // self.text_n_heads) % 2:
+            raise ConfigError("rotary embeddings need an even head dimension (text_dim / text_n_heads)")
+        if self.img_pool not in ("cls", "mean"):
+            raise ConfigError(f"img_pool must be 'cls' or 'mean', got {self.img_pool!r}")
+        if self.text_pos not in ("rope", "learned"):
+            raise ConfigError(f"text_pos must be 'rope' or 'learned', got {self.text_pos!r}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
+            raise ConfigError(f"num_classes must be a positive integer or null, got {self.num_classes!r}")
+        if len(self.image_mean) != self.channel or len(self.image_std) != self.channel:
+            raise ConfigError(f"image_mean and image_std need {self.channel} values (one per channel)")
+        if any(s <= 0 for s in self.image_std):
+            raise ConfigError("image_std values must be positive")
+        if self.max_seq_len < 3:
+            raise ConfigError("max_seq_len must leave room for start, end and one token (>= 3)")
+        ids = {self.pad_token_id, self.sot_token_id, self.eot_token_id}
+        if len(ids) != 3 or any(not 0 <= i < self.vocab_size for i in ids):
+            raise ConfigError("pad, sot and eot token ids must be distinct and below vocab_size")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @property
+    def n_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["image_mean"] = list(self.image_mean)
+        data["image_std"] = list(self.image_std)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CLIPConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def replace(self, **changes: Any) -> "CLIPConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+def _preset(width: int, heads: int, layers: int, **kw: Any) -> dict[str, Any]:
+    """Both towers at one width and depth, as the classic size ladder does."""
+    base = dict(
+        img_dim=width, img_n_heads=heads, img_n_layers=layers,
+        text_dim=width, text_n_heads=heads, text_n_kv_heads=heads, text_n_layers=layers,
+        align_dim=width,
+    )
+    base.update(kw)
+    return base
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GQA text towers with half as many kv heads as query heads, 224 px patch 16.
+    "tiny": _preset(256, 4, 6, text_n_kv_heads=2, align_dim=256),
+    "small": _preset(384, 6, 8, text_n_kv_heads=3, align_dim=384),
+    "base": _preset(512, 8, 12, text_n_kv_heads=4),
+    "large": _preset(768, 12, 24, text_n_kv_heads=4, align_dim=768, max_seq_len=77),
+    "thinkclip": dict(
+        img_size=224, patch_size=16, img_dim=384, img_n_heads=6, img_n_layers=12,
+        vocab_size=6400, max_seq_len=64, text_dim=768, text_n_heads=12, text_n_kv_heads=3,
+        text_n_layers=12, align_dim=512,
+    ),
+    "vit-b-16": dict(
+        img_size=224, patch_size=16, img_dim=768, img_n_heads=12, img_n_layers=12,
+        vocab_size=49408, max_seq_len=77, text_dim=512, text_n_heads=8, text_n_kv_heads=8,
+        text_n_layers=8, text_pos="learned", align_dim=512,
+    ),
+    # Small-image variants so CPU training on 32-64 px data is practical.
+    "mini-32": _preset(128, 4, 4, img_size=32, patch_size=4, max_seq_len=32, align_dim=128, text_n_kv_heads=2),
+    "tiny-32": _preset(256, 4, 6, img_size=32, patch_size=4, max_seq_len=32, align_dim=256, text_n_kv_heads=2),
+    "small-32": _preset(384, 6, 8, img_size=32, patch_size=4, max_seq_len=32, align_dim=384, text_n_kv_heads=3),
+    "mini-64": _preset(128, 4, 4, img_size=64, patch_size=8, max_seq_len=32, align_dim=128, text_n_kv_heads=2),
+    "tiny-64": _preset(256, 4, 6, img_size=64, patch_size=8, max_seq_len=48, align_dim=256, text_n_kv_heads=2),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> CLIPConfig:
+    """The config of a named preset, with optional field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return CLIPConfig.from_dict({**PRESETS[name], **overrides})

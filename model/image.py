@@ -1,0 +1,147 @@
+"""Image decoding and preprocessing shared by training, indexing and serving.
+
+One code path from bytes to a normalised tensor, so the service sees exactly what the
+model saw in training. Plain PIL and torch: no torchvision.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, ImageTooLargeError
+
+ImageSource = Union[str, Path, bytes, BinaryIO, Image.Image]
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; raise for gigapixel scans on purpose
+# We do our own pixel check before decoding, so PIL's own guard would only double-report.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Decode any common image into an RGB PIL image, refusing pixel bombs before decoding.
+
+    draft_size lets JPEG decode straight at a reduced scale (>= draft_size on the short
+    side), which is several times faster for large photos headed for a 224 px crop.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        try:
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                source = io.BytesIO(bytes(source))
+            img = Image.open(source)
+        except FileNotFoundError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise ImageError(f"not a readable image: {exc}") from exc
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError("image has no pixels")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"image of {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode (RGBA, LA, P, L, CMYK, I;16, I, F) to 8-bit RGB; transparency composited over white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16/32-bit integer or float: rescale the actual value range to 0-255.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode.startswith("I;16") or (img.mode == "I" and hi > 255):
+            arr = arr / (65535.0 if hi > 255 else 255.0) * 255.0
+        elif hi > lo and img.mode == "F":
+            arr = (arr - lo) / (hi - lo) * 255.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def _to_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    x = arr.view(img.size[1], img.size[0], 3).permute(2, 0, 1).float().div_(255.0)
+    return x.sub_(mean).div_(std)
+
+
+class ImageTransform:
+    """RGB PIL image -> normalised (3, size, size) tensor.
+
+    Eval: bicubic resize of the short side, centre crop. Train: random resized crop
+    (scale and aspect jitter), no horizontal flip by default since captions say left and right.
+    """
+
+    def __init__(
+        self, size: int, mean: Sequence[float], std: Sequence[float], train: bool = False,
+        scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = False,
+    ) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.train = train
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip = hflip
+
+    def _center_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        return (left, top, left + side, top + side)
+
+    def _random_box(self, w: int, h: int, rng: random.Random) -> tuple[float, float, float, float]:
+        area = w * h
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            cw = math.sqrt(target * aspect)
+            ch = math.sqrt(target / aspect)
+            if 0 < cw <= w and 0 < ch <= h:
+                left = rng.uniform(0, w - cw)
+                top = rng.uniform(0, h - ch)
+                return (left, top, left + cw, top + ch)
+        return self._center_box(w, h)
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        img = to_rgb(img)
+        w, h = img.size
+        box = self._random_box(w, h, rng or random) if self.train else self._center_box(w, h)
+        # One resampling step: crop box and resize together, bicubic.
+        out = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        if self.train and self.hflip and (rng or random).random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_tensor(out, self.mean, self.std)
+
+
+def load_and_preprocess(
+    source: ImageSource, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
+    """Decode and preprocess in one call; the JPEG draft keeps the decode no larger than needed."""
+    return transform(open_image(source, max_pixels=max_pixels, draft_size=transform.size))

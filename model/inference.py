@@ -1,0 +1,148 @@
+"""The inference API: load a checkpoint once, then embed, rank and classify in a line each.
+
+The index builder and the web service use this same class, so there is one path from
+an image or a string to an embedding.
+
+    clip = CLIPInference.load("runs/x/best")
+    clip.classify("cat.jpg", ["cat", "dog"])        # [{"label": "cat", "probability": .93, ...}, ...]
+    clip.rank_texts("cat.jpg", ["a cat", "a dog"])  # probabilities per text, in input order
+    clip.embed_texts(["a red circle"])              # (1, D) float32, L2-normalised
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .clip import CLIP
+from .image import DEFAULT_MAX_PIXELS, ImageSource, ImageTransform, open_image
+from .tokenizer import CLIPTokenizer
+
+# A small prompt ensemble: averaging label embeddings over templates is a cheap, reliable
+# zero-shot gain (CLIP paper, section 3.1.4).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a {}.",
+)
+
+
+class CLIPInference:
+    def __init__(
+        self, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.meta = dict(meta or {})
+        self.device = torch.device(device)
+        self.max_pixels = max_pixels
+        cfg = model.cfg
+        self.transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> "CLIPInference":
+        model, tokenizer, meta = load_checkpoint(checkpoint, device=device)
+        return cls(model, tokenizer, meta, device=device, **kwargs)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def model_id(self) -> str:
+        return str(self.meta.get("content_hash", "unsaved"))
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.align_dim
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.scale().detach())
+
+    # ------------------------------------------------------------------ embedding
+    def preprocess(self, image: ImageSource) -> torch.Tensor:
+        """Decode (with the pixel-bomb guard) and preprocess one image to (3, S, S)."""
+        return self.transform(open_image(image, max_pixels=self.max_pixels, draft_size=self.transform.size))
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Already-preprocessed (B, 3, S, S) pixels -> (B, D) normalised float32 embeddings."""
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.model.encode_image(pixels.to(self.device)).float().cpu().numpy()
+
+    def embed_images(self, images: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:
+        """PIL images, paths or bytes -> (N, D) normalised float32 embeddings."""
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
+            out.append(self.embed_pixels(batch))
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Strings -> (N, D) normalised float32 embeddings."""
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(texts), batch_size):
+            ids = self.tokenizer.encode(list(texts[start : start + batch_size])).to(self.device)
+            out.append(self.model.encode_text(ids).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """One embedding per label: the renormalised mean over prompt templates."""
+        templates = list(templates or DEFAULT_TEMPLATES)
+        prompts = [t.replace("{}", label) if "{}" in t else f"{t} {label}" for label in labels for t in templates]
+        emb = self.embed_texts(prompts).reshape(len(labels), len(templates), self.dim).mean(axis=1)
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    # ------------------------------------------------------------------ ranking
+    def _softmax(self, sims: np.ndarray) -> np.ndarray:
+        z = sims * self.logit_scale
+        z = z - z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def scores(self, image_embedding: np.ndarray, text_embeddings: np.ndarray) -> list[tuple[float, float]]:
+        """(similarity, probability) of each text for one image, probabilities at the learned temperature."""
+        sims = text_embeddings @ image_embedding
+        probs = self._softmax(sims)
+        return [(float(s), float(p)) for s, p in zip(sims, probs)]
+
+    def rank_texts(self, image: ImageSource, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """How well each text describes the image, in input order."""
+        img = self.embed_images([image])[0]
+        pairs = self.scores(img, self.embed_texts(texts))
+        return [{"text": t, "similarity": s, "probability": p} for t, (s, p) in zip(texts, pairs)]
+
+    def rank_images(self, text: str, images: Sequence[ImageSource]) -> list[dict[str, Any]]:
+        """Images sorted by similarity to the text (index = position in the input)."""
+        txt = self.embed_texts([text])[0]
+        sims = self.embed_images(images) @ txt
+        probs = self._softmax(sims)
+        order = np.argsort(-sims, kind="stable")
+        return [{"index": int(i), "similarity": float(sims[i]), "probability": float(probs[i])} for i in order]
+
+    def classify(
+        self, image: ImageSource, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+        top_k: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Zero-shot classification: labels sorted by probability (default: the checkpoint's class names)."""
+        labels = list(labels or self.class_names)
+        if not labels:
+            raise ValueError("no labels given and the checkpoint stores no class names")
+        img = self.embed_images([image])[0]
+        pairs = self.scores(img, self.label_embeddings(labels, templates))
+        preds = [{"label": l, "similarity": s, "probability": p} for l, (s, p) in zip(labels, pairs)]
+        preds.sort(key=lambda d: d["probability"], reverse=True)
+        return preds[:top_k] if top_k else preds

@@ -1,0 +1,125 @@
+"""Transformer primitives shared by both towers: rotary embeddings, attention, MLP, block.
+
+Read top-down: position helpers, then attention, then the MLP, then the pre-norm block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --------------------------------------------------------------------------- rotary embeddings
+def rope_cache(seq_len: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim // 2) for rotary position embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, H, T, D) by position-dependent angles.
+
+    The rotation makes q.k depend only on the distance between positions.
+    """
+    t = x.shape[-2]
+    cos = cos[:t].to(x.dtype)
+    sin = sin[:t].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+# --------------------------------------------------------------------------- attention
+def math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Plain softmax(QK^T/sqrt(d))V, the reference for the fused kernels (is_flash=False)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if causal:
+        t = q.shape[-2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional grouped-query heads and rotary positions.
+
+    n_kv_heads < n_heads shares each key/value head across n_heads / n_kv_heads query
+    heads (GQA), shrinking the K/V projections; n_kv_heads == n_heads is plain MHA.
+    """
+
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int | None = None, dropout: float = 0.0,
+        causal: bool = False, is_flash: bool = True,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = dim // n_heads
+        self.causal = causal
+        self.is_flash = is_flash
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, t, c = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        p = self.dropout if self.training else 0.0
+        if self.is_flash:
+            gqa = self.n_kv_heads != self.n_heads
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal, enable_gqa=gqa)
+        else:
+            y = math_attention(q, k, v, self.causal, p)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.proj_drop(self.proj(y))
+
+
+# --------------------------------------------------------------------------- MLP and block
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int | None, mlp_ratio: float, dropout: float,
+        eps: float, causal: bool, is_flash: bool,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads, dropout, causal, is_flash)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))

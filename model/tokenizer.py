@@ -1,0 +1,117 @@
+"""A byte-level BPE tokenizer trained with Hugging Face `tokenizers` on captions.
+
+Byte-level means every string (emoji, CJK, control characters) has an encoding, so
+encoding never fails; the special tokens take ids 0-2 to match CLIPConfig's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
+SPECIAL_TOKENS = [PAD, SOT, EOT]  # ids 0, 1, 2
+# Longer inputs are cut (in characters) before BPE: 64 tokens never need more, and it
+# keeps a 1 MB query from costing a 1 MB BPE pass.
+_MAX_CHARS_PER_TOKEN = 64
+
+
+def clean_text(text: str) -> str:
+    """Make any Python str encodable: lone surrogates (invalid UTF-8) become U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
+
+
+def _normalizer(lowercase: bool, nfc: bool, collapse_whitespace: bool) -> normalizers.Normalizer | None:
+    steps: list[normalizers.Normalizer] = []
+    if nfc:
+        steps.append(normalizers.NFC())
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    if collapse_whitespace:
+        from tokenizers import Regex
+
+        steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    return normalizers.Sequence(steps) if steps else None
+
+
+class CLIPTokenizer:
+    """Captions in, right-padded (B, T) id tensors out, each row `<sot> ... <eot> <pad>*`."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+        if max_length < 3:
+            raise ValueError("max_length must be at least 3 (start, one token, end)")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if tokenizer.token_to_id(tok) != i:
+                raise ValueError(f"tokenizer must map {tok} to id {i}")
+        self.pad_id, self.sot_id, self.eot_id = 0, 1, 2
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{SOT} $A {EOT}", special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)]
+        )
+        # Truncation counts the two added specials, so EOT always survives.
+        tokenizer.enable_truncation(max_length)
+        tokenizer.enable_padding(direction="right", pad_id=self.pad_id, pad_token=PAD)
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int = 6400, max_length: int = 64, *, lowercase: bool = True,
+        nfc: bool = True, collapse_whitespace: bool = True, min_frequency: int = 2,
+    ) -> "CLIPTokenizer":
+        tok = Tokenizer(models.BPE())
+        norm = _normalizer(lowercase, nfc, collapse_whitespace)
+        if norm is not None:
+            tok.normalizer = norm
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        tok.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
+        return cls(tok, max_length)
+
+    # ------------------------------------------------------------------ encoding
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, texts: str | list[str]) -> torch.Tensor:
+        """Right-padded ids (B, T), T = the longest row (<= max_length). Thread-safe."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return torch.zeros((0, 2), dtype=torch.long)
+        cut = self.max_length * _MAX_CHARS_PER_TOKEN
+        encodings = self.tokenizer.encode_batch([clean_text(t[:cut]) for t in texts])
+        return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------ persistence
+    def to_str(self) -> str:
+        data = json.loads(self.tokenizer.to_str())
+        data["clipforge"] = {"max_length": self.max_length}
+        return json.dumps(data, ensure_ascii=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_str(), encoding="utf-8")
+
+    @classmethod
+    def from_str(cls, text: str) -> "CLIPTokenizer":
+        data = json.loads(text)
+        extra = data.pop("clipforge", {})
+        tok = Tokenizer.from_str(json.dumps(data))
+        return cls(tok, int(extra.get("max_length", 64)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CLIPTokenizer":
+        return cls.from_str(Path(path).read_text(encoding="utf-8"))

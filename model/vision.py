@@ -1,0 +1,66 @@
+"""The image tower: a Vision Transformer with a CLS token and learned positions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPConfig
+from .layers import Block
+
+
+def interpolate_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Resize learned position embeddings (1, 1 + g*g, D) to a new patch grid, keeping CLS.
+
+    Lets a checkpoint trained at one image size be used at another.
+    """
+    cls, patches = pos[:, :1], pos[:, 1:]
+    old_grid = int(math.isqrt(patches.shape[1]))
+    if old_grid * old_grid != patches.shape[1]:
+        raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid")
+    if old_grid == new_grid:
+        return pos
+    dim = patches.shape[-1]
+    grid = patches.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos.dtype)
+    return torch.cat([cls, patches], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.img_dim
+        self.patch_embed = nn.Conv2d(cfg.channel, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.n_patches, d))
+        self.drop = nn.Dropout(cfg.img_dropout_rate)
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.img_n_heads, None, cfg.img_mlp_ratio, cfg.img_dropout_rate, cfg.eps, False, cfg.is_flash)
+            for _ in range(cfg.img_n_layers)
+        )
+        self.norm = nn.LayerNorm(d, eps=cfg.eps)
+        self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled (B, img_dim) feature: the CLS token or the mean of the patch tokens."""
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = self.pos_embed
+        if pos.shape[1] != x.shape[1]:  # another image size than trained on
+            pos = interpolate_pos_embed(pos, int(math.isqrt(x.shape[1] - 1)))
+        x = self.drop(x + pos)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, 0] if self.cfg.img_pool == "cls" else x[:, 1:].mean(dim=1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class logits when the ViT has a classification head, else pooled features."""
+        feats = self.forward_features(pixels)
+        return self.head(feats) if self.head is not None else feats
