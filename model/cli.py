@@ -10,6 +10,7 @@ import torch
 
 from .clip import CLIP
 from .config import PRESETS, CLIPConfig, preset_config
+from .errors import CheckpointError, ConfigError
 
 
 def _describe(cfg: CLIPConfig) -> dict:
@@ -25,10 +26,23 @@ def _describe(cfg: CLIPConfig) -> dict:
     }
 
 
+def _checkpoint_config(directory: Path) -> CLIPConfig:
+    """The config of a checkpoint directory, without loading its weights."""
+    path = directory / "config.json"
+    try:
+        return CLIPConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing: not a clipforge checkpoint") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     target = args.preset
     if Path(target).is_dir():
-        cfg = CLIPConfig.from_dict(json.loads((Path(target) / "config.json").read_text()))
+        cfg = _checkpoint_config(Path(target))
     else:
         cfg = preset_config(target)
     info = _describe(cfg)

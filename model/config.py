@@ -54,12 +54,17 @@ class CLIPConfig:
     eot_token_id: int = 2
 
     def __post_init__(self) -> None:
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
+        try:
+            self.image_mean = tuple(float(v) for v in self.image_mean)
+            self.image_std = tuple(float(v) for v in self.image_std)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"image_mean and image_std must be lists of numbers: {exc}") from exc
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        self._check_types()
+
         def positive(name: str) -> None:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -103,6 +108,24 @@ class CLIPConfig:
         ids = {self.pad_token_id, self.sot_token_id, self.eot_token_id}
         if len(ids) != 3 or any(not 0 <= i < self.vocab_size for i in ids):
             raise ConfigError("pad, sot and eot token ids must be distinct and below vocab_size")
+
+    def _check_types(self) -> None:
+        """Reject wrong JSON types (a float width, a string depth) before they reach torch."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = (isinstance(value, int) and not isinstance(value, bool)) or (value is None and "None" in kind)
+            elif kind == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind == "str":
+                ok = isinstance(value, str)
+            else:  # tuple[float, ...]: converted in __post_init__
+                ok = True
+            if not ok:
+                raise ConfigError(f"{f.name} must be of type {kind}, got {value!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
     @property

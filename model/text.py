@@ -40,17 +40,13 @@ class TextTransformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids, right-padded -> (B, text_dim) feature at each row's EOT token.
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, text_dim) final-norm hidden state at every position.
 
-        Right padding plus the causal mask means no real token (EOT included) ever attends
-        to a pad, so padding needs no extra mask and the result is independent of pad length.
+        Position t depends on tokens 0..t only (causal), which the tests check directly.
         """
         if ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        pos = eot_positions(ids, self.cfg.eot_token_id, self.cfg.pad_token_id)
-        # Trim columns after the longest sequence: they cannot influence any EOT position.
-        ids = ids[:, : int(pos.max()) + 1]
         x = self.tok_embed(ids)
         rope = None
         if self.pos_embed is not None:
@@ -60,5 +56,19 @@ class TextTransformer(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids, right-padded -> (B, text_dim) feature at each row's EOT token.
+
+        Right padding plus the causal mask means no real token (EOT included) ever attends
+        to a pad, so padding needs no extra mask and the result is independent of pad length.
+        """
+        if ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        pos = eot_positions(ids, self.cfg.eot_token_id, self.cfg.pad_token_id)
+        if not ids.is_meta:  # meta tensors (shape checks of big presets) carry no values to trim by
+            # Trim columns after the longest sequence: they cannot influence any EOT position.
+            ids = ids[:, : int(pos.max()) + 1]
+        x = self.hidden_states(ids)
         return x[torch.arange(x.shape[0], device=x.device), pos]

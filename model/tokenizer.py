@@ -21,8 +21,17 @@ _MAX_CHARS_PER_TOKEN = 64
 
 
 def clean_text(text: str) -> str:
-    """Make any Python str encodable: lone surrogates (invalid UTF-8) become U+FFFD."""
-    return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
+    """Make any Python str encodable: lone surrogates (invalid UTF-8) become U+FFFD.
+
+    A UTF-16 round trip also joins surrogate pairs that arrived as two code units.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _normalizer(lowercase: bool, nfc: bool, collapse_whitespace: bool) -> normalizers.Normalizer | None:

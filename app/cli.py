@@ -1,0 +1,56 @@
+"""`clipforge serve`: run the web service under uvicorn. Flags override CLIPFORGE_* environment variables.
+
+API keys are read from CLIPFORGE_API_KEYS only, never from flags, so they do not show up in `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .logs import configure_logging
+    from .main import create_app, load_service
+    from .settings import load_settings
+
+    settings = load_settings(
+        checkpoint=args.checkpoint, index=args.index, host=args.host, port=args.port, labels_file=args.labels_file,
+        device=args.device, batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        protect_reads=args.protect_reads, cors_origins=args.cors_origin, log_level=args.log_level,
+    )
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    load_service(app.state.service)  # a bad checkpoint or index fails here with one clear line, before binding
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None, server_header=False,
+        h11_max_incomplete_event_size=settings.max_head_bytes,
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve", help="serve a checkpoint (and an index) over HTTP",
+        description="Serve embeddings, similarity, zero-shot classification and search over HTTP. Every flag "
+                    "can also be set as CLIPFORGE_<NAME> (e.g. CLIPFORGE_CHECKPOINT); API keys only as "
+                    "CLIPFORGE_API_KEYS (comma-separated).",
+    )
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (CLIPFORGE_CHECKPOINT)")
+    parser.add_argument("--index", type=Path, help="index directory (CLIPFORGE_INDEX); without it search answers 503")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8000)")
+    parser.add_argument("--labels-file", type=Path, help="default zero-shot labels, one per line")
+    parser.add_argument("--device", help="torch device (default cpu)")
+    parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
+                        help="coalesce concurrent encodes into one forward pass (default on)")
+    parser.add_argument("--max-batch-size", type=int, help="most items per forward pass (default 32)")
+    parser.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 2)")
+    parser.add_argument("--protect-reads", action=argparse.BooleanOptionalAction, default=None,
+                        help="require an API key for reads too")
+    parser.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable)")
+    parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.set_defaults(func=cmd_serve)

@@ -1,0 +1,46 @@
+"""POST /classify: zero-shot classification of an uploaded image against labels."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+
+from ..dependencies import ServiceState, check_texts, read_image, ready_state, require_read_key
+from ..errors import ApiError, error_responses
+from ..schemas import ClassifyResponse, Prediction
+
+router = APIRouter(tags=["classify"], dependencies=[Depends(require_read_key)])
+
+
+@router.post(
+    "/classify", operation_id="classify", response_model=ClassifyResponse,
+    responses=error_responses(400, 401, 403, 413, 415, 422, 503),
+    summary="Zero-shot classify an image",
+)
+async def classify(
+    state: Annotated[ServiceState, Depends(ready_state)],
+    image: Annotated[UploadFile, File(description="the image to classify")],
+    labels: Annotated[list[str], Form(description="candidate labels (repeat the field); default: the server's labels")] = [],
+    templates: Annotated[list[str], Form(description="prompt templates with {} for the label (repeat the field)")] = [],
+    top_k: Annotated[int | None, Form(ge=1, description="return only the k most probable labels")] = None,
+) -> ClassifyResponse:
+    """Labels sorted by probability, at the model's own learned temperature (a prompt ensemble per label)."""
+    settings = state.settings
+    if labels:
+        labels = check_texts(labels, "labels", settings.max_labels, settings.max_text_chars)
+    else:
+        labels = state.default_labels
+        if not labels:
+            raise ApiError(422, "missing_labels", "no labels given and the server has no default labels "
+                           "(the checkpoint stores no class names and no labels file was configured)")
+    if templates:
+        templates = check_texts(templates, "templates", settings.max_texts, settings.max_text_chars)
+    pixels = await read_image(state, image)
+    assert state.encoders is not None and state.clip is not None
+    label_emb = await state.encoders.label_embeddings(labels, templates)
+    image_emb = (await state.encoders.embed_pixels(pixels.unsqueeze(0)))[0]
+    pairs = state.clip.scores(image_emb, label_emb)
+    predictions = [Prediction(label=l, similarity=s, probability=p) for l, (s, p) in zip(labels, pairs)]
+    predictions.sort(key=lambda p: p.probability, reverse=True)
+    return ClassifyResponse(predictions=predictions[:top_k] if top_k else predictions, model=state.clip.model_id)

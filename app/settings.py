@@ -1,0 +1,163 @@
+"""Service configuration: one validated settings class, read from CLIPFORGE_* environment variables.
+
+Invalid values stop start-up with a message that names the setting (`SettingsError`), so a
+typo in a deployment fails loudly instead of serving with a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.errors import ClipforgeError
+
+ENV_PREFIX = "CLIPFORGE_"
+
+
+class SettingsError(ClipforgeError):
+    """Settings that cannot be served with; the message names each bad setting."""
+
+
+def _split_list(value: Any) -> Any:
+    """Lists from the environment as comma-separated text ("a,b") or a JSON array."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a valid JSON array: {exc}") from exc
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything `clipforge serve` can be told; each field is also CLIPFORGE_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # what to serve
+    checkpoint: Path = Field(description="checkpoint directory written by `clipforge train`")
+    index: Path | None = Field(None, description="index directory; without one the search and image endpoints answer 503")
+    labels_file: Path | None = Field(None, description="text file of default zero-shot labels, one per line")
+    device: str = Field("cpu", description="torch device for the model, e.g. cpu or cuda")
+    # where to listen
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # auth
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="keys accepted as `Authorization: Bearer <key>` for writes"
+    )
+    protect_reads: bool = Field(False, description="require an API key for every endpoint except health checks")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS")
+    # limits
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body in bytes")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest image in pixels (decompression-bomb guard)")
+    max_texts: int = Field(256, ge=1, description="most texts per request")
+    max_text_chars: int = Field(1000, ge=1, description="longest text in characters")
+    max_labels: int = Field(1000, ge=1, description="most labels per classification")
+    max_images: int = Field(32, ge=1, description="most images per request")
+    max_k: int = Field(100, ge=1, description="most search results per query")
+    max_head_bytes: int = Field(
+        2 * 1024 * 1024, ge=16 * 1024,
+        description="largest request line plus headers; the HTTP server refuses longer ones with a bare 400",
+    )
+    max_thumbnail: int = Field(1024, ge=16, description="largest thumbnail side in pixels")
+    # micro-batching
+    batching: bool = Field(True, description="coalesce concurrent encodes into one forward pass")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most items per forward pass")
+    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="longest a request waits for a batch to fill")
+    text_cache_size: int = Field(4096, ge=0, description="text embeddings kept in the LRU cache (0 turns it off)")
+    # operations
+    log_level: str = Field("info", description="debug, info, warning or error")
+    shutdown_timeout_s: float = Field(10.0, ge=0.0, description="how long shutdown waits for in-flight requests")
+
+    _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"checkpoint directory {value} does not exist")
+        return value
+
+    @field_validator("index")
+    @classmethod
+    def _index_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"index {value} does not exist (build one with `clipforge index build`)")
+        return value
+
+    @field_validator("labels_file")
+    @classmethod
+    def _labels_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"labels file {value} does not exist")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            if len(key.get_secret_value()) < 8:
+                raise ValueError("every API key must be at least 8 characters")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"must be one of debug, info, warning, error, got {value!r}")
+        return level
+
+    @model_validator(mode="after")
+    def _reads_need_keys(self) -> "Settings":
+        if self.protect_reads and not self.api_keys:
+            raise ValueError("protect_reads needs at least one key in api_keys")
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Batch-1 serving when batching is off: one forward pass per request."""
+        return self.max_batch_size if self.batching else 1
+
+    def default_labels(self) -> list[str]:
+        """Labels from the labels file (blank lines and # comments skipped)."""
+        if self.labels_file is None:
+            return []
+        lines = self.labels_file.read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+    def public_limits(self) -> dict[str, int]:
+        """The limits a client may want to know (shown by GET /info)."""
+        return {
+            name: getattr(self, name)
+            for name in ("max_upload_bytes", "max_pixels", "max_texts", "max_text_chars", "max_labels",
+                         "max_images", "max_k", "max_thumbnail")
+        }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Environment plus explicit overrides (CLI flags win), or a SettingsError naming each bad setting."""
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """'invalid setting port (CLIPFORGE_PORT): ...' per problem, without echoing secret values."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(p) for p in err["loc"]) if err["loc"] else ""
+        where = f"{name} ({ENV_PREFIX}{name.upper()})" if name else "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"invalid setting {where}: {message}")
+    return "; ".join(parts)

@@ -1,0 +1,219 @@
+"""Index benchmark: FAISS index types on random normalised vectors, and end-to-end `index build` throughput.
+
+Vector part (random unit vectors are the hardest case for approximate search: no cluster
+structure to exploit): for each size and type, build time, memory, query latency p50/p99 at
+k=10 for batch 1 and batch 64, and recall@10 against exact search, sweeping efSearch / nprobe.
+It uses index.backends, the code the ImageIndex itself runs.
+
+End-to-end part: `clipforge index build` on a folder of images with an untrained checkpoint
+of a preset (decoding in worker processes), next to the forward pass alone on pre-decoded
+pixels: when the two rates are close, decoding is off the critical path.
+
+    python bench/index_bench.py                                # 100k and 1M, all types, Flickr8k-1k
+    python bench/index_bench.py --sizes 20000 --queries 200    # quick
+Results: a table on stdout and bench/results/index_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from index import backends  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarray:
+    out = np.empty((n, dim), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start : start + len(block)] = block
+    return out
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    arr = np.array(times) * 1000.0
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def time_queries(index: faiss.Index, kind: str, params: dict, queries: np.ndarray, batch: int, runs: int, **knobs) -> tuple[float, float]:
+    times = []
+    for r in range(runs):
+        start = (r * batch) % max(1, len(queries) - batch + 1)
+        q = np.ascontiguousarray(queries[start : start + batch])
+        t0 = time.perf_counter()
+        backends.search(index, kind, q, 10, params, None, **knobs)
+        times.append(time.perf_counter() - t0)
+    return percentiles(times)
+
+
+def recall_at_10(index: faiss.Index, kind: str, params: dict, queries: np.ndarray, truth: np.ndarray, **knobs) -> float:
+    _, ids = backends.search(index, kind, queries, 10, params, None, **knobs)
+    return float(np.mean([len(set(a) & set(b)) / 10.0 for a, b in zip(ids, truth)]))
+
+
+def bench_vectors(args: argparse.Namespace) -> list[dict]:
+    rows: list[dict] = []
+    for n in args.sizes:
+        print(f"\n== {n:,} x {args.dim} random unit vectors ==", flush=True)
+        xb = unit_vectors(n, args.dim, seed=1)
+        xq = unit_vectors(args.queries, args.dim, seed=2)
+        ids = np.arange(n, dtype=np.int64)
+        truth = None
+        for kind in args.types:
+            params = backends.IndexParams(
+                hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, nlist=args.nlist, pq_m=args.pq_m,
+                train_size=args.train_size,
+            )
+            gc.collect()
+            before = rss_mb()
+            t0 = time.perf_counter()
+            index, resolved = backends.new_index(kind, args.dim, params, train=xb if kind == "ivfpq" else None)
+            train_s = time.perf_counter() - t0
+            backends.add(index, xb, ids)
+            build_s = time.perf_counter() - t0
+            mem = rss_mb() - before
+            size_mb = faiss.serialize_index(index).nbytes / 2**20 if n <= 200_000 else float("nan")
+            if truth is None:
+                exact = index if kind == "flat" else backends.new_index("flat", args.dim, params)[0]
+                if kind != "flat":
+                    backends.add(exact, xb, ids)
+                truth = backends.search(exact, "flat", xq, 10, {}, None)[1]
+                del exact
+            knob_name = {"hnsw": "ef_search", "ivfpq": "nprobe"}.get(kind)
+            settings = {"hnsw": args.ef_search, "ivfpq": args.nprobe}.get(kind, [None])
+            print(f"{kind}: built in {build_s:.1f}s (train {train_s:.1f}s), +{mem:.0f} MiB RSS", flush=True)
+            for value in settings:
+                knobs = {knob_name: value} if knob_name else {}
+                rec = recall_at_10(index, kind, resolved, xq, truth, **knobs)
+                runs1 = min(args.queries, args.single_runs)
+                p50_1, p99_1 = time_queries(index, kind, resolved, xq, 1, runs1, **knobs)
+                p50_64, p99_64 = time_queries(index, kind, resolved, xq, 64, args.batch_runs, **knobs)
+                row = {
+                    "n": n, "dim": args.dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
+                    "rss_mib": round(mem, 1), "index_mib": round(size_mb, 1), "knob": knob_name, "value": value,
+                    "recall@10": round(rec, 4), "p50_ms_b1": round(p50_1, 3), "p99_ms_b1": round(p99_1, 3),
+                    "p50_ms_b64": round(p50_64, 3), "p99_ms_b64": round(p99_64, 3),
+                    "params": {k: v for k, v in resolved.items() if k in ("hnsw_m", "ef_construction", "nlist", "pq_m", "pq_nbits")},
+                }
+                rows.append(row)
+                label = f"{knob_name}={value}" if knob_name else "exact"
+                print(f"  {label:14s} recall@10 {rec:.3f}  batch1 p50 {p50_1:8.3f} ms p99 {p99_1:8.3f} ms   "
+                      f"batch64 p50 {p50_64:8.2f} ms p99 {p99_64:8.2f} ms", flush=True)
+            del index
+        del xb
+    return rows
+
+
+def bench_end_to_end(args: argparse.Namespace) -> dict:
+    import torch
+
+    import clipforge_cli
+    from index import ImageIndex
+    from index.files import iter_image_files
+    from model import CLIP, CLIPInference, CLIPTokenizer, preset_config, save_checkpoint
+
+    images = Path(args.images)
+    files = iter_image_files(images)
+    work = Path(tempfile.mkdtemp(prefix="index-bench-"))
+    torch.manual_seed(0)
+    cfg = preset_config(args.preset)
+    tokenizer = CLIPTokenizer.train(["a photo of a dog", "a cat on a mat"] * 50, vocab_size=cfg.vocab_size,
+                                    max_length=cfg.max_seq_len)
+    save_checkpoint(work / "ckpt", CLIP(cfg), tokenizer, {"step": 0})
+    clip = CLIPInference.load(work / "ckpt")
+    # forward pass alone, on pixels decoded beforehand: the ceiling for the pipeline
+    pixels = torch.stack([clip.preprocess(f) for f in files[: args.batch_size * 4]])
+    clip.embed_pixels(pixels[: args.batch_size])  # warm-up
+    t0 = time.perf_counter()
+    for start in range(0, len(pixels), args.batch_size):
+        clip.embed_pixels(pixels[start : start + args.batch_size])
+    forward_rate = len(pixels) / (time.perf_counter() - t0)
+    result = {"images": len(files), "preset": args.preset, "forward_only_img_s": round(forward_rate, 1), "runs": []}
+    for workers in args.e2e_workers:
+        out = work / f"index-w{workers}"
+        t0 = time.perf_counter()
+        code = clipforge_cli.main(["index", "build", "--checkpoint", str(work / "ckpt"), "--images", str(images),
+                                   "--out", str(out), "--workers", str(workers), "--batch-size", str(args.batch_size),
+                                   "--quiet"])
+        seconds = time.perf_counter() - t0
+        count = len(ImageIndex.open(out))
+        result["runs"].append({"workers": workers, "exit": code, "indexed": count, "seconds": round(seconds, 2),
+                               "img_s": round(count / seconds, 1)})
+        print(f"index build, {args.preset}, workers={workers}: {count} images in {seconds:.1f}s = "
+              f"{count / seconds:.1f} img/s (forward pass alone {forward_rate:.1f} img/s)", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivfpq"], choices=backends.INDEX_TYPES)
+    parser.add_argument("--queries", type=int, default=1000, help="query vectors (recall is averaged over all)")
+    parser.add_argument("--single-runs", type=int, default=300, help="timed batch-1 queries")
+    parser.add_argument("--batch-runs", type=int, default=15, help="timed batch-64 queries")
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=200)
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--nlist", type=int, default=None)
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--pq-m", type=int, default=None)
+    parser.add_argument("--train-size", type=int, default=100_000)
+    parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
+    parser.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "flickr8k-1k" / "images"))
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--e2e-workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--skip-vectors", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_bench.json"))
+    args = parser.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, faiss {faiss.__version__}",
+        "command": " ".join(sys.argv), "vectors": [], "end_to_end": None,
+    }
+    if not args.skip_vectors:
+        report["vectors"] = bench_vectors(args)
+    if not args.skip_e2e:
+        if Path(args.images).is_dir():
+            report["end_to_end"] = bench_end_to_end(args)
+        else:
+            print(f"skipping end-to-end: {args.images} not found")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    if report["vectors"]:
+        print("\n| n | type | setting | build s | +RSS MiB | recall@10 | b1 p50 ms | b1 p99 ms | b64 p50 ms | b64 p99 ms |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in report["vectors"]:
+            setting = f"{r['knob']}={r['value']}" if r["knob"] else "exact"
+            print(f"| {r['n']:,} | {r['type']} | {setting} | {r['build_s']} | {r['rss_mib']} | {r['recall@10']} | "
+                  f"{r['p50_ms_b1']} | {r['p99_ms_b1']} | {r['p50_ms_b64']} | {r['p99_ms_b64']} |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Model throughput on this machine: encode (images/s, texts/s) and training step (samples/s).
+
+    python bench/model_bench.py                          # tiny + small, 32 and 224 px, fp32 + bf16
+    python bench/model_bench.py --presets tiny --sizes 32 --iters 10 --warmup 3
+
+Training step = both towers forward + contrastive loss + backward + AdamW step. When
+`open_clip` is importable (it needs torchvision, so run this with an interpreter that has
+it), open_clip's CLIP of the same widths, depths, heads, image size, patch size, context
+length and vocab is timed in the same process, interleaved round by round with ours so a
+shared, noisy machine slows both alike, and the table shows our/their ratios.
+
+Prints a table and writes bench/results/model_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import CLIP, CLIPConfig, clip_loss, preset_config  # noqa: E402
+
+try:  # optional rival, timed only where it is installed
+    import open_clip  # type: ignore[import-not-found]
+    from open_clip.loss import ClipLoss  # type: ignore[import-not-found]
+except Exception:  # noqa: BLE001 - any import failure just means "not measured"
+    open_clip = None
+
+
+# --------------------------------------------------------------------------- inputs
+def bench_config(preset: str, size: int, mha: bool) -> CLIPConfig:
+    """A preset at a benchmark image size: patch 4 at 32 px (64 patches), patch 16 at 224 px (196)."""
+    patch = 4 if size <= 64 else 16
+    cfg = preset_config(preset, img_size=size, patch_size=patch)
+    return cfg.replace(text_n_kv_heads=cfg.text_n_heads) if mha else cfg
+
+
+def make_batch(cfg: CLIPConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random pixels and captions of 8-24 tokens (typical caption lengths), right-padded to max_seq_len."""
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, cfg.channel, cfg.img_size, cfg.img_size, generator=gen)
+    ids = torch.full((batch, cfg.max_seq_len), cfg.pad_token_id, dtype=torch.long)
+    lengths = torch.randint(8, min(24, cfg.max_seq_len) + 1, (batch,), generator=gen)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, 0] = cfg.sot_token_id
+        ids[i, 1 : n - 1] = torch.randint(3, cfg.vocab_size - 1, (n - 2,), generator=gen)
+        ids[i, n - 1] = cfg.eot_token_id
+    return pixels, ids
+
+
+# --------------------------------------------------------------------------- the two implementations
+class Impl:
+    """One model behind three timed operations."""
+
+    name = ""
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor: ...
+    def train_step(self, pixels: torch.Tensor, ids: torch.Tensor) -> float: ...
+
+
+class Ours(Impl):
+    name = "clipforge"
+
+    def __init__(self, cfg: CLIPConfig) -> None:
+        self.model = CLIP(cfg)
+        self.opt = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-4)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids)
+
+    def train_step(self, pixels: torch.Tensor, ids: torch.Tensor) -> float:
+        loss = clip_loss(self.model.encode_image(pixels), self.model.encode_text(ids), self.model.scale())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.model.clamp_logit_scale_()
+        return float(loss)
+
+
+class OpenCLIP(Impl):
+    name = "open_clip"
+
+    def __init__(self, cfg: CLIPConfig) -> None:
+        vision = open_clip.model.CLIPVisionCfg(
+            layers=cfg.img_n_layers, width=cfg.img_dim, head_width=cfg.img_dim // cfg.img_n_heads,
+            mlp_ratio=cfg.img_mlp_ratio, patch_size=cfg.patch_size, image_size=cfg.img_size,
+        )
+        text = open_clip.model.CLIPTextCfg(
+            context_length=cfg.max_seq_len, vocab_size=cfg.vocab_size, width=cfg.text_dim,
+            heads=cfg.text_n_heads, layers=cfg.text_n_layers, mlp_ratio=cfg.text_mlp_ratio,
+        )
+        self.model = open_clip.model.CLIP(embed_dim=cfg.align_dim, vision_cfg=vision, text_cfg=text)
+        self.loss = ClipLoss()
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, normalize=True)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids, normalize=True)
+
+    def train_step(self, pixels: torch.Tensor, ids: torch.Tensor) -> float:
+        img = self.model.encode_image(pixels, normalize=True)
+        txt = self.model.encode_text(ids, normalize=True)
+        loss = self.loss(img, txt, self.model.logit_scale.exp())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, 4.6052)
+        return float(loss)
+
+
+# --------------------------------------------------------------------------- timing
+def autocast(dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(impls: list[Impl], op: str, pixels: torch.Tensor, ids: torch.Tensor, dtype: str, warmup: int,
+            iters: int) -> dict[str, list[float]]:
+    """Per-iteration seconds for each impl, alternating impls every iteration (fair under load)."""
+    def call(impl: Impl) -> Callable[[], object]:
+        if op == "train":
+            impl.model.train()
+            return lambda: impl.train_step(pixels, ids)
+        impl.model.eval()
+        if op == "image":
+            return lambda: impl.encode_image(pixels)
+        return lambda: impl.encode_text(ids)
+
+    times: dict[str, list[float]] = {impl.name: [] for impl in impls}
+    grad = torch.enable_grad() if op == "train" else torch.inference_mode()
+    with grad, autocast(dtype):
+        for i in range(warmup + iters):
+            order = impls if i % 2 == 0 else impls[::-1]
+            for impl in order:
+                t = timed(call(impl))
+                if i >= warmup:
+                    times[impl.name].append(t)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--ops", nargs="+", default=["image", "text", "train"], choices=["image", "text", "train"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--mha", action="store_true", help="text tower with kv heads = heads (no GQA), as open_clip")
+    parser.add_argument("--no-open-clip", action="store_true", help="time clipforge only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_bench.json")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    rival = open_clip is not None and not args.no_open_clip
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
+          f"open_clip {'%s' % open_clip.__version__ if rival else 'not measured'}, "
+          f"{args.warmup} warm-up + {args.iters} timed iterations (median)")
+    rows = []
+    for preset in args.presets:
+        for size in args.sizes:
+            cfg = bench_config(preset, size, args.mha)
+            torch.manual_seed(0)
+            impls: list[Impl] = [Ours(cfg)]
+            if rival:
+                impls.append(OpenCLIP(cfg))
+            pixels, ids = make_batch(cfg, args.batch)
+            for dtype in args.dtypes:
+                for op in args.ops:
+                    times = measure(impls, op, pixels, ids, dtype, args.warmup, args.iters)
+                    row = {"preset": preset, "img_size": size, "patch_size": cfg.patch_size, "dtype": dtype,
+                           "op": op, "batch": args.batch}
+                    for name, ts in times.items():
+                        row[f"{name}_per_s"] = args.batch / statistics.median(ts)
+                    if rival:
+                        row["ratio"] = row["clipforge_per_s"] / row["open_clip_per_s"]
+                    rows.append(row)
+                    print(format_row(row, rival), flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "warmup": args.warmup,
+        "iters": args.iters, "mha": args.mha, "open_clip": open_clip.__version__ if rival else None,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+UNITS = {"image": "images/s", "text": "texts/s", "train": "samples/s"}
+
+
+def format_row(row: dict, rival: bool) -> str:
+    label = f"{row['preset']:6s} {row['img_size']:3d}px/{row['patch_size']:<2d} {row['dtype']:4s} {row['op']:5s}"
+    text = f"{label}  clipforge {row['clipforge_per_s']:9.1f} {UNITS[row['op']]:9s}"
+    if rival:
+        text += f"  open_clip {row['open_clip_per_s']:9.1f}  ratio {row['ratio']:5.2f}x"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

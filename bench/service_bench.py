@@ -1,0 +1,280 @@
+"""Service benchmark: latency and throughput of GET /search and POST /classify over real HTTP.
+
+Starts `clipforge serve` (uvicorn on 127.0.0.1) over an untrained `tiny` checkpoint and a
+100k-vector flat index (random unit vectors added through ImageIndex.add_embeddings), once with
+micro-batching on and once off, and drives each endpoint at several concurrencies with a
+minimal keep-alive HTTP/1.1 client (so the client costs little CPU next to the server).
+Every /search query is a different string, so the text cache never answers for the model.
+
+    .venv/bin/python bench/service_bench.py                      # defaults: ~10,000 requests
+    .venv/bin/python bench/service_bench.py --search-requests 300 --classify-requests 60   # quick
+
+Prints a table and writes bench/results/service_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"]
+THINGS = ["envelope", "circle", "square", "dog", "cat", "car", "house", "tree", "boat", "bird", "cup", "chair"]
+PLACES = ["on a table", "in a field", "at night", "on the beach", "in the snow", "next to a wall", "in a box"]
+LABELS = ["a dog", "a cat", "a car", "a house", "a tree"]
+
+
+# ---------------------------------------------------------------------- fixtures
+def make_checkpoint(directory: Path, preset: str) -> Path:
+    import torch
+
+    from model import CLIP, CLIPTokenizer, preset_config, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = preset_config(preset)
+    captions = [f"a {c} {t} {p}" for c in COLORS for t in THINGS for p in PLACES]
+    tokenizer = CLIPTokenizer.train(captions, vocab_size=cfg.vocab_size, max_length=cfg.max_seq_len)
+    save_checkpoint(directory, CLIP(cfg), tokenizer, {"step": 0, "preset": preset})
+    return directory
+
+
+def make_index(directory: Path, checkpoint: Path, size: int) -> Path:
+    from index import ImageIndex, NewImage
+    from model import CLIPInference
+
+    clip = CLIPInference.load(checkpoint)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((size, clip.dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    images = [NewImage(f"images/{i:07d}.jpg", f"{i:064x}", 224, 224, f"synthetic image {i}") for i in range(size)]
+    with ImageIndex.create(directory, clip) as idx:
+        idx.add_embeddings(vectors, images)
+        kind = idx.index_type
+    print(f"index: {size:,} vectors, {clip.dim}-d, type {kind}", flush=True)
+    return directory
+
+
+def jpeg(seed: int, size: int = 224) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size // 8, size // 8, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------- requests
+def search_request(i: int, host: str) -> bytes:
+    rng = random.Random(i)
+    q = f"a {rng.choice(COLORS)} {rng.choice(THINGS)} {rng.choice(PLACES)} {i}"
+    return f"GET /search?q={quote_plus(q)}&k=10 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+def classify_request(image: bytes, host: str) -> bytes:
+    boundary = "clipforgebenchboundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="b.jpg"\r\n'
+             f"Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n"]
+    for label in LABELS:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="labels"\r\n\r\n{label}\r\n'.encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
+    writer.write(raw)
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status
+
+
+async def drive(host: str, port: int, requests: list[bytes], concurrency: int) -> dict[str, float]:
+    """Send every request once over `concurrency` keep-alive connections; latency percentiles and rate."""
+    latencies: list[float] = []
+    errors = 0
+    queue = list(reversed(requests))
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while queue:
+                raw = queue.pop()
+                started = time.perf_counter()
+                try:
+                    status = await _send(reader, writer, raw)
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    errors += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
+                latencies.append(time.perf_counter() - started)
+                if status != 200:
+                    errors += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    lat = np.array(latencies) * 1000
+    return {
+        "requests": len(requests), "errors": errors, "seconds": round(wall, 3),
+        "rps": round(len(latencies) / wall, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+    }
+
+
+# ---------------------------------------------------------------------- server
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(checkpoint: Path, index: Path, batching: bool, port: int, log: Path, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "clipforge_cli", "serve", "--checkpoint", str(checkpoint), "--index", str(index),
+           "--host", "127.0.0.1", "--port", str(port), "--batching" if batching else "--no-batching",
+           "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def batch_stats(port: int) -> dict[str, float]:
+    """Mean items per forward pass by encoder, from the server's own /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        for prefix, target in (("clipforge_batch_size_sum{", sums), ("clipforge_batch_size_count{", counts)):
+            if line.startswith(prefix):
+                kind = line.split('kind="')[1].split('"')[0]
+                target[kind] = float(line.rsplit(" ", 1)[1])
+    return {k: round(sums[k] / counts[k], 2) for k in sums if counts.get(k)}
+
+
+# ---------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--index-size", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--search-requests", type=int, default=1200, help="per (mode, concurrency)")
+    parser.add_argument("--classify-requests", type=int, default=480, help="per (mode, concurrency)")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_bench.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="clipforge-service-bench-"))
+    try:
+        t0 = time.perf_counter()
+        checkpoint = make_checkpoint(work / "ckpt", args.preset)
+        index = make_index(work / "index", checkpoint, args.index_size)
+        print(f"fixtures built in {time.perf_counter() - t0:.1f}s", flush=True)
+        images = [jpeg(seed) for seed in range(16)]
+        rows: list[dict] = []
+        batches: dict[str, dict[str, float]] = {}
+        serial = 0
+        for batching in (True, False):
+            port = free_port()
+            host = f"127.0.0.1:{port}"
+            proc = start_server(checkpoint, index, batching, port, work / f"serve-{batching}.log", args)
+            try:
+                warm = [search_request(10_000_000 + i, host) for i in range(64)]
+                asyncio.run(drive("127.0.0.1", port, warm, 8))
+                asyncio.run(drive("127.0.0.1", port, [classify_request(images[0], host)] * 16, 4))
+                for endpoint in ("search", "classify"):
+                    for conc in args.concurrency:
+                        if endpoint == "search":
+                            reqs = [search_request(serial + i, host) for i in range(args.search_requests)]
+                            serial += args.search_requests
+                        else:
+                            reqs = [classify_request(images[i % len(images)], host) for i in range(args.classify_requests)]
+                        result = asyncio.run(drive("127.0.0.1", port, reqs, conc))
+                        row = {"endpoint": endpoint, "batching": batching, "concurrency": conc, **result}
+                        rows.append(row)
+                        print(f"{endpoint:8s} batching={'on ' if batching else 'off'} c={conc:<3d} "
+                              f"{result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
+                              f"errors {result['errors']}", flush=True)
+                batches["on" if batching else "off"] = batch_stats(port)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+
+        def rps(endpoint: str, batching: bool, conc: int) -> float:
+            return next(r["rps"] for r in rows if r["endpoint"] == endpoint and r["batching"] == batching and r["concurrency"] == conc)
+
+        speedups = {
+            f"{ep}_c{c}": round(rps(ep, True, c) / rps(ep, False, c), 2)
+            for ep in ("search", "classify") for c in args.concurrency
+        }
+        total = sum(r["requests"] for r in rows)
+        errors = sum(r["errors"] for r in rows)
+        print()
+        print("| endpoint | batching | concurrency | req/s | p50 ms | p99 ms | errors |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['endpoint']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.1f} | "
+                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
+        print()
+        print("batching speed-up (req/s on / off): " + ", ".join(f"{k} {v}x" for k, v in speedups.items()))
+        print(f"mean items per forward pass: {batches}")
+        print(f"{total:,} requests, {errors} errors")
+        result = {
+            "preset": args.preset, "index_size": args.index_size, "max_batch_size": args.max_batch_size,
+            "max_wait_ms": args.max_wait_ms, "rows": rows, "speedup": speedups, "mean_batch": batches,
+            "total_requests": total, "errors": errors, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        print(f"wrote {args.out}")
+        return 0 if errors == 0 else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

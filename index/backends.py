@@ -1,0 +1,189 @@
+"""The three FAISS index types behind one small interface: build, add, remove, search, read back vectors.
+
+flat   exact inner product (IndexIDMap2 over IndexFlatIP); small collections.
+hnsw   graph search (IndexIDMap2 over IndexHNSWFlat); cannot delete, so removals are
+       tombstones filtered during the search (an IDSelector) and compacted on rebuild.
+ivfpq  inverted lists of product-quantised codes, trained on a sample; huge collections.
+All use inner product on L2-normalised vectors (cosine similarity).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import IndexStoreError
+
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+REQUESTABLE = ("auto", *INDEX_TYPES)
+# "auto": exact search while a scan stays in the millisecond range, a graph up to where its
+# full-precision storage gets large, compressed codes beyond.
+FLAT_MAX = 100_000
+HNSW_MAX = 5_000_000
+
+
+class IndexParams(BaseModel):
+    """Build-time and default query-time parameters (stored in the manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree")
+    ef_construction: int = Field(200, ge=8, le=4096, description="HNSW build-time candidate list")
+    ef_search: int = Field(128, ge=1, le=8192, description="HNSW query-time candidate list")
+    nlist: int | None = Field(None, ge=1, le=1 << 20, description="IVF lists (default 4*sqrt(n))")
+    nprobe: int = Field(32, ge=1, le=1 << 20, description="IVF lists scanned per query")
+    pq_m: int | None = Field(None, ge=1, le=512, description="PQ sub-quantizers (default dim/8)")
+    pq_nbits: int = Field(8, ge=4, le=12, description="bits per PQ code")
+    train_size: int = Field(100_000, ge=256, description="IVF-PQ training sample size")
+
+
+def parse_params(values: dict[str, Any] | IndexParams | None) -> IndexParams:
+    if isinstance(values, IndexParams):
+        return values
+    try:
+        return IndexParams(**{k: v for k, v in (values or {}).items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise IndexStoreError(f"invalid index parameter {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+
+
+def choose_type(requested: str, count: int) -> str:
+    if requested not in REQUESTABLE:
+        raise IndexStoreError(f"unknown index type {requested!r}; choose one of {', '.join(REQUESTABLE)}")
+    if requested != "auto":
+        return requested
+    return "flat" if count <= FLAT_MAX else "hnsw" if count <= HNSW_MAX else "ivfpq"
+
+
+def _pq_m(dim: int, wanted: int | None) -> int:
+    if wanted is not None:
+        if dim % wanted:
+            raise IndexStoreError(f"pq_m={wanted} must divide the embedding size {dim}")
+        return wanted
+    for m in (64, 48, 32, 16, 8, 4, 2, 1):  # 8-dim sub-vectors where possible
+        if dim % m == 0 and dim // m >= 8 or m == 1:
+            return m
+    return 1
+
+
+def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None = None) -> tuple[faiss.Index, dict[str, Any]]:
+    """An empty index of the given type (IVF-PQ trained on `train`), and the resolved parameters."""
+    resolved = params.model_dump()
+    if kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), resolved
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = params.ef_construction
+        inner.hnsw.efSearch = params.ef_search
+        return faiss.IndexIDMap2(inner), resolved
+    if kind == "ivfpq":
+        n = 0 if train is None else len(train)
+        m = _pq_m(dim, params.pq_m)
+        nlist = params.nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))
+        need = max(nlist, 1 << params.pq_nbits)
+        if n < need:
+            raise IndexStoreError(
+                f"an ivfpq index needs at least {need} vectors to train (nlist={nlist}, {params.pq_nbits}-bit codes), "
+                f"got {n}; use --type flat or hnsw for small collections"
+            )
+        sample = train
+        if n > params.train_size:
+            sample = train[np.random.default_rng(0).choice(n, params.train_size, replace=False)]
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, params.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.nprobe = min(params.nprobe, nlist)
+        resolved.update(nlist=nlist, pq_m=m)
+        return index, resolved
+    raise IndexStoreError(f"unknown index type {kind!r}")
+
+
+def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def can_remove(kind: str) -> bool:
+    return kind != "hnsw"
+
+
+def remove(index: faiss.Index, ids: np.ndarray) -> int:
+    return int(index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))) if len(ids) else 0
+
+
+def stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
+    """Every id held by the FAISS index, tombstoned ones included (for consistency checks)."""
+    if kind in ("flat", "hnsw"):
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(ivf.nlist) if lists.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def vectors_and_ids(index: faiss.Index, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The exact stored vectors with their ids, for re-indexing as another type or compacting."""
+    if kind not in ("flat", "hnsw"):
+        raise IndexStoreError("an ivfpq index keeps only compressed codes; rebuild it from the images instead")
+    idmap = faiss.downcast_index(index)
+    ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
+    inner = faiss.downcast_index(idmap.index)
+    storage = inner if kind == "flat" else faiss.downcast_index(inner.storage)
+    vecs = storage.reconstruct_n(0, storage.ntotal) if storage.ntotal else np.zeros((0, index.d), np.float32)
+    return np.asarray(vecs, dtype=np.float32), ids
+
+
+class Tombstones:
+    """Removed-but-still-stored ids of a graph index, and the selector that hides them from searches."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = np.unique(np.asarray(ids, dtype=np.int64))
+        self._batch = faiss.IDSelectorBatch(self.ids) if len(self.ids) else None
+        self.selector = faiss.IDSelectorNot(self._batch) if self._batch is not None else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def search(
+    index: faiss.Index, kind: str, queries: np.ndarray, k: int, params: dict[str, Any],
+    tombstones: Tombstones | None = None, ef_search: int | None = None, nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (n, k); missing results have id -1. Query-time knobs never mutate the index."""
+    if kind == "hnsw":
+        sp = faiss.SearchParametersHNSW()
+        sp.efSearch = max(int(ef_search or params.get("ef_search", 128)), k)
+        if tombstones is not None and tombstones.selector is not None:
+            sp.sel = tombstones.selector
+        return index.search(queries, k, params=sp)
+    if kind == "ivfpq":
+        sp = faiss.SearchParametersIVF()
+        sp.nprobe = int(nprobe or params.get("nprobe", 32))
+        return index.search(queries, k, params=sp)
+    return index.search(queries, k)
+
+
+IVFPQ_MIN_VECTORS = 1000
+
+
+def ivfpq_trainable(count: int, params: IndexParams) -> bool:
+    """Enough vectors to train the coarse quantizer and the PQ codebooks without degenerate clusters."""
+    return count >= max(IVFPQ_MIN_VECTORS, 1 << params.pq_nbits, 39 * (params.nlist or 0))
+
+
+_RANK = {"flat": 0, "hnsw": 1, "ivfpq": 2}
+
+
+def target_type(requested: str, current: str, count: int, params: IndexParams) -> str:
+    """The type an index of `count` vectors should have now; types are only ever promoted.
+
+    An explicit ivfpq index stays exact (flat) until it holds enough vectors to train on.
+    """
+    wanted = choose_type(requested, count)
+    if wanted == "ivfpq" and not ivfpq_trainable(count, params):
+        wanted = "flat" if requested == "ivfpq" else "hnsw"
+    return wanted if _RANK[wanted] > _RANK[current] else current

@@ -1,0 +1,76 @@
+"""Finding image files, naming uploads and keeping every stored path inside the index root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from .errors import PathOutsideRootError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+def is_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def iter_image_files(directory: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Image files under directory, recursively, sorted; hidden folders and `exclude` folders are skipped."""
+    directory = Path(directory)
+    excluded = {Path(p).resolve() for p in exclude}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded
+        )
+        found.extend(here / f for f in sorted(filenames) if not f.startswith(".") and is_image_name(f))
+    return found
+
+
+def expand_inputs(inputs: Iterable[str | Path], exclude: Iterable[Path] = ()) -> list[Path]:
+    """Files and folders as given on a command line -> image files (folders walked recursively)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        out.extend(iter_image_files(p, exclude) if p.is_dir() else [p])
+    return out
+
+
+def relative_to_root(path: Path, root: Path) -> str | None:
+    """The POSIX path of `path` relative to `root`, or None when it lies outside (symlinks resolved)."""
+    try:
+        return Path(os.path.realpath(path)).relative_to(Path(os.path.realpath(root))).as_posix()
+    except ValueError:
+        return None
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """root/relative as an absolute path, refusing anything that escapes root (.., absolute, symlinks)."""
+    rel = PurePosixPath(str(relative).replace("\\", "/"))
+    if not str(relative) or rel.is_absolute() or ".." in rel.parts or "\x00" in str(relative):
+        raise PathOutsideRootError(f"path {relative!r} is not a plain path inside the index root")
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(real_root / rel))
+    if target != real_root and real_root not in target.parents:
+        raise PathOutsideRootError(f"path {relative!r} resolves outside the index root")
+    return target
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_filename(name: str, sha256: str) -> str:
+    """A collision-free, traversal-free file name for uploaded bytes: <hash prefix>-<cleaned name>."""
+    base = PurePosixPath(str(name).replace("\\", "/")).name
+    stem, suffix = os.path.splitext(base)
+    stem = _UNSAFE.sub("_", stem).strip("._")[:80] or "image"
+    suffix = suffix.lower() if suffix.lower() in IMAGE_SUFFIXES else ""
+    return f"{sha256[:16]}-{stem}{suffix}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,59 @@
+"""manifest.json: what an index generation holds and which checkpoint made it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import IndexStoreError
+
+FORMAT_VERSION = 1
+METRIC = "inner_product"  # on L2-normalised vectors, i.e. cosine similarity
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Manifest:
+    """Everything needed to interpret the FAISS file and the SQLite metadata next to it."""
+
+    model_id: str
+    dim: int
+    index_type: str  # flat | hnsw | ivfpq: what the FAISS file is
+    requested_type: str  # auto | flat | hnsw | ivfpq: what the user asked for
+    params: dict[str, Any]
+    root: str  # images root: relative to the index directory when inside it, else absolute
+    uploads: str = "uploads"  # folder under root where add_bytes stores files
+    count: int = 0
+    tombstones: int = 0
+    next_id: int = 1
+    generation: int = 1
+    metric: str = METRIC
+    created: str = field(default_factory=utc_now)
+    updated: str = field(default_factory=utc_now)
+    checkpoint_path: str | None = None  # a hint for the CLI; the hash is what is checked
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Manifest":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise IndexStoreError(f"{path} is missing: the index is damaged") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexStoreError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise IndexStoreError(f"{path}: unsupported index format {data.get('format') if isinstance(data, dict) else '?'}")
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise IndexStoreError(f"{path} lacks required fields: {exc}") from exc

@@ -1,0 +1,119 @@
+"""The on-disk layout and its one atomic switch.
+
+    INDEX/
+      CURRENT            name of the live generation, replaced atomically (write, fsync, rename)
+      .lock              file lock serialising writers across processes
+      gen-00000007/      one complete, immutable generation:
+        index.faiss        the FAISS index
+        meta.sqlite        metadata
+        manifest.json      checkpoint hash, dim, metric, type and params, count, times
+      uploads/           (when the root is the index folder) files stored by add_bytes
+
+A writer builds the next generation in a hidden temporary folder, fsyncs every file,
+renames it to gen-N, then replaces CURRENT. A kill before the CURRENT rename leaves the
+old generation live, after it the new one; the three files always switch together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import IndexNotFoundError, IndexStoreError
+
+CURRENT = "CURRENT"
+LOCK = ".lock"
+FAISS_FILE = "index.faiss"
+DB_FILE = "meta.sqlite"
+MANIFEST_FILE = "manifest.json"
+_GEN_RE = re.compile(r"^gen-(\d{8})$")
+
+
+def gen_name(generation: int) -> str:
+    return f"gen-{generation:08d}"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directories make renames inside them durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_index_dir(path: Path) -> bool:
+    return (Path(path) / CURRENT).is_file()
+
+
+def read_current(directory: Path) -> int:
+    """The live generation number, or IndexNotFoundError when `directory` holds no index."""
+    path = Path(directory) / CURRENT
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError as exc:
+        raise IndexNotFoundError(f"{directory} is not a clipforge index (no {CURRENT} file)") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IndexStoreError(f"cannot read {path}: {exc}") from exc
+    match = _GEN_RE.match(text)
+    if not match:
+        raise IndexStoreError(f"{path} is damaged (holds {text[:40]!r})")
+    return int(match.group(1))
+
+
+def generations(directory: Path) -> list[int]:
+    out = []
+    for entry in Path(directory).iterdir():
+        match = _GEN_RE.match(entry.name)
+        if match and entry.is_dir():
+            out.append(int(match.group(1)))
+    return sorted(out)
+
+
+def staging_dir(directory: Path, generation: int) -> Path:
+    """A fresh hidden folder where the next generation is written."""
+    tmp = Path(directory) / f".{gen_name(generation)}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(directory: Path, staging: Path, generation: int) -> Path:
+    """Make a fully written staging folder the live generation (the commit point is the CURRENT rename)."""
+    directory = Path(directory)
+    for f in staging.iterdir():
+        fsync_path(f)
+    fsync_path(staging)
+    final = directory / gen_name(generation)
+    if final.exists():  # an orphan of a writer killed between its two renames
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    fsync_path(directory)
+    pointer_tmp = directory / f".{CURRENT}.tmp"
+    with open(pointer_tmp, "w", encoding="ascii") as fh:
+        fh.write(gen_name(generation) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(pointer_tmp, directory / CURRENT)
+    fsync_path(directory)
+    return final
+
+
+def clean_up(directory: Path, live: int) -> None:
+    """Drop staging leftovers, uncommitted orphans and all but the previous generation.
+
+    The previous one stays so a reader in another process that has just read CURRENT can
+    still open it; readers in this process hold open handles, which outlive the unlink.
+    """
+    directory = Path(directory)
+    for entry in directory.iterdir():
+        name = entry.name
+        if name.startswith(".gen-") and name.endswith(".tmp"):
+            shutil.rmtree(entry, ignore_errors=True)
+        match = _GEN_RE.match(name)
+        if match and int(match.group(1)) not in (live, live - 1):
+            shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""Image decoding and preprocessing: every mode, EXIF orientation, pixel bombs, broken files."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, ImageTransform, load_and_preprocess, open_image
+from model.config import CLIP_MEAN, CLIP_STD
+from model.image import to_rgb
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG claiming width x height pixels in a few dozen bytes (no image data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _rgb_at(img: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
+    out = to_rgb(img)
+    assert out.mode == "RGB"
+    return out.getpixel(xy)
+
+
+# --------------------------------------------------------------------------- modes
+def test_rgba_transparent_pixels_become_white_and_opaque_keep_colour() -> None:
+    img = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
+    img.putpixel((1, 0), (10, 20, 30, 255))
+    assert _rgb_at(img, (0, 0)) == (255, 255, 255)
+    assert _rgb_at(img, (1, 0)) == (10, 20, 30)
+    half = Image.new("RGBA", (1, 1), (0, 0, 0, 128))
+    assert all(abs(c - 127) <= 1 for c in _rgb_at(half))
+
+
+def test_la_and_l_and_1_modes() -> None:
+    assert _rgb_at(Image.new("LA", (1, 1), (40, 0))) == (255, 255, 255)
+    assert _rgb_at(Image.new("LA", (1, 1), (40, 255))) == (40, 40, 40)
+    assert _rgb_at(Image.new("L", (1, 1), 128)) == (128, 128, 128)
+    assert _rgb_at(Image.new("1", (1, 1), 1)) == (255, 255, 255)
+    assert _rgb_at(Image.new("1", (1, 1), 0)) == (0, 0, 0)
+
+
+def test_palette_with_and_without_transparency() -> None:
+    pal = Image.new("P", (2, 1), 0)
+    pal.putpalette([200, 10, 10, 0, 0, 250] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    assert _rgb_at(pal, (0, 0)) == (200, 10, 10)
+    assert _rgb_at(pal, (1, 0)) == (0, 0, 250)
+    # Index 0 transparent, as a GIF or PNG stores it, after a real encode/decode.
+    decoded = Image.open(io.BytesIO(_encode(pal, "PNG", transparency=0)))
+    assert decoded.mode == "P" and "transparency" in decoded.info
+    assert _rgb_at(decoded, (0, 0)) == (255, 255, 255)
+    assert _rgb_at(decoded, (1, 0)) == (0, 0, 250)
+
+
+def test_cmyk() -> None:
+    assert _rgb_at(Image.new("CMYK", (1, 1), (0, 255, 255, 0))) == (255, 0, 0)
+    assert _rgb_at(Image.new("CMYK", (1, 1), (0, 0, 0, 255))) == (0, 0, 0)
+    decoded = open_image(_encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG"))
+    assert decoded.mode == "RGB" and all(c > 240 for c in decoded.getpixel((4, 4)))
+
+
+def test_16_bit_and_32_bit_and_float_modes() -> None:
+    img16 = Image.fromarray(np.array([[0, 65535, 32768]], dtype=np.uint16))
+    assert img16.mode.startswith("I;16")
+    rgb = to_rgb(img16)
+    assert [rgb.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (255, 255, 255), (127, 127, 127)]
+    # 16-bit PNG through the decoder.
+    decoded = open_image(_encode(img16, "PNG"))
+    assert decoded.mode == "RGB" and decoded.getpixel((1, 0)) == (255, 255, 255)
+    img32 = Image.fromarray(np.array([[0, 1000, 65535]], dtype=np.int32), mode="I")
+    assert [to_rgb(img32).getpixel((x, 0))[0] for x in range(3)] == [0, 3, 255]
+    small_i = Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32), mode="I")
+    assert [to_rgb(small_i).getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]
+    f = Image.fromarray(np.array([[-1.0, 0.0, 1.0]], dtype=np.float32), mode="F")
+    assert [to_rgb(f).getpixel((x, 0))[0] for x in range(3)] == [0, 127, 255]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK", "I;16", "I", "F", "1", "RGB", "YCbCr"])
+def test_every_mode_preprocesses_to_a_normalised_tensor(mode: str) -> None:
+    img = Image.new("RGB", (40, 30), (90, 160, 220)).convert(mode, dither=Image.Dither.NONE)
+    x = ImageTransform(16, CLIP_MEAN, CLIP_STD)(img)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    # Undo the normalisation: a uniform image stays uniform and in [0, 1].
+    raw = x * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    assert torch.allclose(raw, raw[:, :1, :1].expand_as(raw), atol=1e-5)
+
+
+def test_normalisation_uses_mean_and_std() -> None:
+    img = Image.new("RGB", (8, 8), (255, 0, 51))
+    x = ImageTransform(4, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))(img)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([2.0, -1.0, -0.3]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- geometry
+def _halves(size: tuple[int, int], left: tuple, right: tuple) -> Image.Image:
+    img = Image.new("RGB", size, left)
+    img.paste(Image.new("RGB", (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    return img
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = _halves((40, 20), (255, 0, 0), (0, 0, 255))  # red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    decoded = open_image(_encode(img, "JPEG", quality=95, exif=exif.tobytes()))
+    assert decoded.size == (20, 40)
+    top, bottom = decoded.getpixel((10, 5)), decoded.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60  # red now on top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_eval_transform_resizes_short_side_and_centre_crops() -> None:
+    img = Image.new("RGB", (300, 100), (0, 0, 0))
+    img.paste(Image.new("RGB", (100, 100), (255, 255, 255)), (100, 0))  # white centre square
+    x = ImageTransform(32, (0, 0, 0), (1, 1, 1))(img)
+    assert x.shape == (3, 32, 32)
+    # Only the white centre survives the crop (bicubic support blends the outermost columns a little).
+    assert x[:, :, 1:-1].min() > 0.99 and x.min() > 0.85
+
+
+def test_train_transform_is_seeded_random_crop_without_flip() -> None:
+    img = _halves((64, 64), (255, 0, 0), (0, 0, 255))
+    tf = ImageTransform(16, (0, 0, 0), (1, 1, 1), train=True)
+    a = tf(img, random.Random(1))
+    assert torch.equal(a, tf(img, random.Random(1)))
+    crops = [tf(img, random.Random(seed)) for seed in range(20)]
+    assert any(not torch.equal(crops[0], c) for c in crops[1:])
+    for c in crops:  # never flipped: red stays on the left, blue on the right
+        assert c[0, :, 0].mean() > 0.9 and c[2, :, -1].mean() > 0.9
+    flipping = ImageTransform(16, (0, 0, 0), (1, 1, 1), train=True, hflip=True)
+    flips = [flipping(img, random.Random(seed)) for seed in range(20)]
+    assert any(c[2, :, 0].mean() > 0.9 for c in flips)
+
+
+def test_large_jpeg_uses_draft_decoding_and_gives_the_same_size() -> None:
+    data = _encode(Image.new("RGB", (2000, 1500), (30, 200, 60)), "JPEG", quality=90)
+    img = open_image(data, draft_size=64)
+    assert min(img.size) >= 64 and img.size[0] <= 500
+    x = load_and_preprocess(data, ImageTransform(64, CLIP_MEAN, CLIP_STD))
+    assert x.shape == (3, 64, 64)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_pixel_bomb_is_refused_before_decoding() -> None:
+    bomb = _png_header(50_000, 50_000)
+    assert len(bomb) < 200
+    start = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match="50000x50000 = 2,500,000,000 pixels exceeds the limit"):
+        open_image(bomb)
+    with pytest.raises(ImageTooLargeError):
+        load_and_preprocess(io.BytesIO(bomb), ImageTransform(32, CLIP_MEAN, CLIP_STD))
+    assert time.perf_counter() - start < 1.0
+    assert issubclass(ImageTooLargeError, ImageError)
+
+
+def test_pixel_limit_is_configurable() -> None:
+    data = _encode(Image.new("RGB", (100, 100)), "PNG")
+    assert open_image(data, max_pixels=10_000).size == (100, 100)
+    with pytest.raises(ImageTooLargeError):
+        open_image(data, max_pixels=9_999)
+    with pytest.raises(ImageTooLargeError):
+        open_image(Image.new("RGB", (100, 100)), max_pixels=100)
+    assert DEFAULT_MAX_PIXELS >= 4000 * 4000
+
+
+def test_truncated_jpeg_raises_image_error() -> None:
+    rng = np.random.default_rng(0)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        open_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello, this is a text file\n" * 10, b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, b"GIF89a" + b"\xff" * 10],
+    ids=["empty", "text", "png-garbage", "gif-garbage"],
+)
+def test_non_images_raise_image_error(data: bytes) -> None:
+    with pytest.raises(ImageError):
+        open_image(data)
+
+
+def test_paths_work_and_missing_paths_raise_file_not_found(tmp_path: Path) -> None:
+    path = tmp_path / "img.png"
+    Image.new("RGB", (10, 12), (1, 2, 3)).save(path)
+    assert open_image(path).getpixel((0, 0)) == (1, 2, 3)
+    assert open_image(str(path)).size == (10, 12)
+    with pytest.raises(FileNotFoundError):
+        open_image(tmp_path / "nope.png")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(ImageError, match="not a readable image"):
+        open_image(text)

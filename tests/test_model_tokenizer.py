@@ -1,0 +1,118 @@
+"""The byte-level BPE tokenizer: round trip, padding, truncation keeping EOT, any input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CLIPTokenizer
+from model.tokenizer import EOT, PAD, SOT
+
+CAPTIONS = [
+    f"a {size}{color} {shape} on a {bg} background"
+    for size in ("", "small ", "big ")
+    for color in ("red", "blue", "green", "yellow")
+    for shape in ("circle", "square", "triangle")
+    for bg in ("white", "black")
+]
+
+ODD_TEXTS = [
+    "",
+    "   ",
+    "🐱🐶 emoji 👩‍👩‍👧‍👦 family",
+    "一只红色的猫坐在桌子上",
+    "control \x00 nul \x01\x02\x1b[31m \x7f chars",
+    "lone surrogates \ud800 and \udfff here",
+    "tabs\tand\nnewlines\r\n",
+    "مرحبا بالعالم",
+    "x" * 100_000,
+    "word " * 20_000,
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> CLIPTokenizer:
+    return CLIPTokenizer.train(CAPTIONS * 3, vocab_size=300, max_length=16)
+
+
+@pytest.fixture(scope="module")
+def raw_tok() -> CLIPTokenizer:
+    """No normalisation at all: decode(encode(x)) must give x back exactly."""
+    return CLIPTokenizer.train(CAPTIONS * 3, vocab_size=300, max_length=512, lowercase=False, nfc=False,
+                               collapse_whitespace=False)
+
+
+def test_special_tokens_have_fixed_ids(tok: CLIPTokenizer) -> None:
+    assert [tok.tokenizer.token_to_id(t) for t in (PAD, SOT, EOT)] == [0, 1, 2]
+    assert (tok.pad_id, tok.sot_id, tok.eot_id) == (0, 1, 2)
+    assert tok.vocab_size <= 300
+
+
+def test_batch_encoding_is_right_padded_with_sot_and_eot(tok: CLIPTokenizer) -> None:
+    ids = tok.encode(["a red circle", "a big yellow triangle on a black background", "blue"])
+    assert ids.dtype == torch.long and ids.ndim == 2 and ids.shape[0] == 3
+    for row in ids.tolist():
+        assert row[0] == 1
+        end = row.index(2)
+        assert all(t == 0 for t in row[end + 1 :])
+        assert all(t > 2 for t in row[1:end])
+    lengths = [row.index(2) for row in ids.tolist()]
+    assert ids.shape[1] == max(lengths) + 1  # padded to the longest row, not to max_length
+    assert tok.encode("a red circle").tolist() == ids[:1, : lengths[0] + 1].tolist()
+    assert tok.encode([]).shape == (0, 2)
+
+
+def test_round_trip_with_normalisation(tok: CLIPTokenizer) -> None:
+    for text in ["A Red  Circle", "a small green square", "Café au lait"]:
+        assert tok.decode(tok.encode(text)[0]) == " ".join(text.lower().split())
+
+
+@pytest.mark.parametrize("text", [t for t in ODD_TEXTS if len(t) < 1000 and t.strip() == t and "\ud800" not in t])
+def test_round_trip_is_exact_without_normalisation(raw_tok: CLIPTokenizer, text: str) -> None:
+    ids = raw_tok.encode(text)
+    assert raw_tok.decode(ids[0]) == text
+    assert raw_tok.decode(ids[0].tolist()) == text
+
+
+def test_truncation_keeps_eot(tok: CLIPTokenizer) -> None:
+    long_caption = " ".join(CAPTIONS[:10])
+    ids = tok.encode([long_caption, "a red circle"])
+    assert ids.shape == (2, 16)
+    assert ids[0, 0].item() == 1 and ids[0, -1].item() == 2
+    assert (ids[0] == 2).sum() == 1 and (ids[0] == 0).sum() == 0
+    # The kept text is a prefix of the caption.
+    assert " ".join(long_caption.split()).startswith(tok.decode(ids[0]))
+
+
+@pytest.mark.parametrize("text", ODD_TEXTS, ids=lambda t: repr(t[:12]))
+def test_odd_inputs_encode_without_error(tok: CLIPTokenizer, text: str) -> None:
+    ids = tok.encode([text, "a red circle"])
+    row = ids[0].tolist()
+    assert row[0] == 1 and 2 in row and len(row) <= 16
+    assert max(row) < tok.vocab_size
+
+
+def test_lone_surrogates_become_replacement_characters(raw_tok: CLIPTokenizer) -> None:
+    assert raw_tok.decode(raw_tok.encode("a\ud800b")[0]) == "a\ufffdb"
+
+
+def test_save_load_and_string_round_trip(tok: CLIPTokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    again = CLIPTokenizer.load(path)
+    assert again.max_length == 16 and again.vocab_size == tok.vocab_size
+    texts = ["a Big red circle", "🐱 一只猫", "x" * 500]
+    assert torch.equal(again.encode(texts), tok.encode(texts))
+    assert torch.equal(CLIPTokenizer.from_str(tok.to_str()).encode(texts), tok.encode(texts))
+
+
+def test_training_is_deterministic(tok: CLIPTokenizer) -> None:
+    other = CLIPTokenizer.train(CAPTIONS * 3, vocab_size=300, max_length=16)
+    assert other.to_str() == tok.to_str()
+
+
+def test_too_short_max_length_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_length must be at least 3"):
+        CLIPTokenizer.train(CAPTIONS, vocab_size=300, max_length=2)

@@ -1,0 +1,130 @@
+"""The two towers: causality and padding invariance of text, EOT pooling, position interpolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import CLIP, CLIPConfig
+from model.text import eot_positions
+from model.vision import interpolate_pos_embed
+
+
+def _micro(**kw) -> CLIPConfig:
+    base = dict(img_size=16, patch_size=4, img_dim=32, img_n_heads=4, img_n_layers=2, vocab_size=64,
+                max_seq_len=12, text_dim=32, text_n_heads=4, text_n_kv_heads=2, text_n_layers=2, align_dim=16)
+    return CLIPConfig(**{**base, **kw})
+
+
+@pytest.fixture(params=[("rope", True), ("rope", False), ("learned", True)], ids=["rope-sdpa", "rope-math", "learned"])
+def text_model(request: pytest.FixtureRequest) -> CLIP:
+    torch.manual_seed(0)
+    pos, flash = request.param
+    return CLIP(_micro(text_pos=pos, is_flash=flash)).eval()
+
+
+# --------------------------------------------------------------------------- text tower
+@torch.no_grad()
+def test_causality_changing_a_later_token_leaves_earlier_positions_unchanged(text_model: CLIP) -> None:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 64, (2, 12), generator=gen)
+    base = text_model.text.hidden_states(ids)
+    for t in (0, 4, 10):
+        changed = ids.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 7) % 61 + 3
+        out = text_model.text.hidden_states(changed)
+        assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6), t
+        assert not torch.allclose(out[:, t + 1], base[:, t + 1], atol=1e-4), t  # the token itself matters
+
+
+@torch.no_grad()
+def test_text_embedding_is_invariant_to_pad_length_and_pad_values(text_model: CLIP) -> None:
+    rows = [[1, 10, 11, 12, 2], [1, 20, 2], [1, 30, 31, 32, 33, 34, 35, 2]]
+
+    def batch(width: int, pad_value: int) -> torch.Tensor:
+        return torch.tensor([r + [pad_value] * (width - len(r)) for r in rows])
+
+    ref = text_model.encode_text(batch(8, 0))
+    for width, pad in [(12, 0), (8, 5), (12, 63), (10, 2)]:
+        assert torch.allclose(text_model.encode_text(batch(width, pad)), ref, atol=1e-6), (width, pad)
+    # Each row alone, unpadded, gives the same embedding as inside the padded batch.
+    for i, r in enumerate(rows):
+        assert torch.allclose(text_model.encode_text(torch.tensor([r])), ref[i : i + 1], atol=1e-5)
+
+
+@torch.no_grad()
+def test_text_is_pooled_at_the_eot_position(text_model: CLIP) -> None:
+    ids = torch.tensor([[1, 40, 41, 2, 0, 0], [1, 50, 2, 0, 0, 0]])
+    hidden = text_model.text.hidden_states(ids)
+    pooled = text_model.text(ids)
+    assert torch.allclose(pooled[0], hidden[0, 3], atol=1e-6)
+    assert torch.allclose(pooled[1], hidden[1, 2], atol=1e-6)
+    # Tokens after the EOT (a caption that continues) do not change the embedding.
+    longer = torch.tensor([[1, 40, 41, 2, 9, 9]])
+    assert torch.allclose(text_model.text(longer), pooled[:1], atol=1e-6)
+
+
+def test_eot_positions_use_the_eot_token_not_the_largest_id() -> None:
+    ids = torch.tensor([
+        [1, 63, 62, 2, 0, 0],  # largest id is not EOT
+        [1, 5, 6, 7, 8, 9],  # truncated without EOT: last real token
+        [1, 2, 2, 0, 0, 0],  # first EOT wins
+        [0, 0, 0, 0, 0, 0],  # all padding
+    ])
+    assert eot_positions(ids, eot_id=2, pad_id=0).tolist() == [3, 5, 1, 0]
+
+
+def test_text_longer_than_max_seq_len_is_refused() -> None:
+    model = CLIP(_micro())
+    with pytest.raises(ValueError, match="exceeds max_seq_len=12"):
+        model.encode_text(torch.ones(1, 13, dtype=torch.long))
+
+
+def test_empty_batches_give_empty_embeddings() -> None:
+    model = CLIP(_micro()).eval()
+    assert model.encode_text(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 16)
+    with torch.no_grad():
+        assert model.encode_image(torch.zeros(0, 3, 16, 16)).shape == (0, 16)
+
+
+# --------------------------------------------------------------------------- image tower
+def test_interpolate_pos_embed_keeps_cls_and_smooth_fields() -> None:
+    dim, grid = 6, 4
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    constant = torch.full((1, 1 + grid * grid, dim), 0.37)
+    constant[:, 0] = 5.0
+    out = interpolate_pos_embed(constant, 8)
+    assert out.shape == (1, 65, dim)
+    assert torch.equal(out[:, 0], constant[:, 0])
+    assert torch.allclose(out[:, 1:], torch.full_like(out[:, 1:], 0.37), atol=1e-5)
+    assert interpolate_pos_embed(constant, grid) is constant
+    # Up then down keeps a smooth field close to itself.
+    field = torch.stack([xs, ys] * 3, dim=-1).reshape(1, grid * grid, dim) / grid
+    pos = torch.cat([torch.zeros(1, 1, dim), field], dim=1)
+    back = interpolate_pos_embed(interpolate_pos_embed(pos, 8), grid)
+    assert torch.allclose(back, pos, atol=0.05)
+    with pytest.raises(ValueError, match="not a square grid"):
+        interpolate_pos_embed(torch.zeros(1, 1 + 12, dim), 4)
+
+
+@torch.no_grad()
+def test_vision_tower_runs_at_another_image_size() -> None:
+    torch.manual_seed(2)
+    model = CLIP(_micro()).eval()
+    out = model.encode_image(torch.randn(2, 3, 32, 32))  # trained grid 4x4, served 8x8
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_image_embedding_depends_on_every_patch_and_on_position() -> None:
+    torch.manual_seed(3)
+    model = CLIP(_micro()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    base = model.encode_image(x)
+    y = x.clone()
+    y[..., 12:, 12:] += 1.0  # only the last patch
+    assert not torch.allclose(model.encode_image(y), base, atol=1e-4)
+    swapped = x.clone()  # swap two patches: learned positions make the order matter
+    swapped[..., :4, :4], swapped[..., 12:, 12:] = x[..., 12:, 12:], x[..., :4, :4]
+    assert not torch.allclose(model.encode_image(swapped), base, atol=1e-4)

@@ -1,0 +1,120 @@
+"""torchrun integration: process-group setup, device choice, and the rank's share of each batch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes in the environment (a no-op for one process).
+
+    NCCL on GPUs, gloo on CPU; each rank uses cuda:LOCAL_RANK when GPUs are present.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        from model.errors import ClipforgeError
+
+        raise ClipforgeError("device cuda was requested but no CUDA GPU is available")
+    if use_cuda:
+        index = int(device_pref.split(":")[1]) if ":" in device_pref else local % max(1, torch.cuda.device_count())
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local), device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_min(value: int, info: DistInfo, device: torch.device) -> int:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """Shuffled indices for this rank, arranged so rank order reassembles the global batch.
+
+    Each epoch draws one permutation from (seed, epoch); global batch b is
+    perm[b*G:(b+1)*G] and rank r reads its contiguous slice, so a DDP run sees exactly the
+    global batches of a single-process run. `start_batch` skips already-trained batches
+    on resume without loading them. Incomplete final batches are dropped.
+    """
+
+    def __init__(self, n: int, global_batch: int, info: DistInfo, seed: int = 0, shuffle: bool = True) -> None:
+        if global_batch % info.world_size:
+            raise ValueError(f"batch_size {global_batch} must be divisible by the world size {info.world_size}")
+        self.n = n
+        self.global_batch = global_batch
+        self.local_batch = global_batch // info.world_size
+        self.info = info
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        lb, r = self.local_batch, self.info.rank
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * self.global_batch + r * lb
+            yield from perm[start : start + lb]
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.local_batch

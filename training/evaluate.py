@@ -1,0 +1,210 @@
+"""Evaluation: validation loss, retrieval recall@k in both directions, zero-shot accuracy.
+
+Retrieval follows the Flickr/COCO convention for several captions per image: an image
+query is right when any of its captions is in the top k; every caption is a text query,
+right when its own image is in the top k. Zero-shot classifies each image against class
+embeddings averaged over prompt templates (normalise, mean, renormalise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from model import CLIP, DEFAULT_TEMPLATES, CLIPInference, CLIPTokenizer, ImageTransform, clip_loss
+from model.image import DEFAULT_MAX_PIXELS
+
+
+# --------------------------------------------------------------------------- pure metrics
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_owner: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Recall@k for image->text and text->image. text_owner[j] is the image index of caption j.
+
+    Ranks count strictly better-scored candidates, so ties favour the right answer.
+    """
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    text_owner = text_owner.long()
+    i2t_rank = torch.empty(n, dtype=torch.long)
+    t2i_rank = torch.empty(m, dtype=torch.long)
+    own = torch.zeros(n, m, dtype=torch.bool) if n * m <= 4_000_000 else None
+    for start in range(0, n, chunk):
+        sims = image_emb[start : start + chunk].float() @ text_emb.float().t()  # (c, M)
+        rows = torch.arange(start, min(start + chunk, n))
+        mine = text_owner.unsqueeze(0) == rows.unsqueeze(1)  # (c, M)
+        best_own = sims.masked_fill(~mine, float("-inf")).max(dim=1).values
+        i2t_rank[rows] = (sims > best_own.unsqueeze(1)).sum(dim=1)
+        if own is not None:
+            own[rows] = mine
+    for start in range(0, m, chunk):
+        sims = text_emb[start : start + chunk].float() @ image_emb.float().t()  # (c, N)
+        cols = torch.arange(start, min(start + chunk, m))
+        target = sims[torch.arange(len(cols)), text_owner[cols]]
+        t2i_rank[cols] = (sims > target.unsqueeze(1)).sum(dim=1)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean()) if n else 0.0
+        out[f"t2i_r{k}"] = float((t2i_rank < k).float().mean()) if m else 0.0
+    out["recall_mean"] = float(np.mean([out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks]))
+    return out
+
+
+def zeroshot_metrics(
+    image_emb: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-k accuracy of classifying each image by its most similar class embedding."""
+    logits = image_emb.float() @ class_emb.float().t()
+    order = logits.argsort(dim=1, descending=True)
+    out = {}
+    for k in ks:
+        kk = min(k, class_emb.shape[0])
+        out[f"top{k}"] = float((order[:, :kk] == labels.view(-1, 1)).any(dim=1).float().mean()) if len(labels) else 0.0
+    return out
+
+
+def class_embeddings(
+    model: CLIP, tokenizer: CLIPTokenizer, class_names: Sequence[str], templates: Sequence[str] | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Template-ensembled class embeddings via the inference API (one path for training and serving)."""
+    was_training = model.training
+    emb = CLIPInference(model, tokenizer, device=device).label_embeddings(list(class_names), list(templates or DEFAULT_TEMPLATES))
+    model.train(was_training)
+    return torch.from_numpy(emb)
+
+
+# --------------------------------------------------------------------------- embedding passes
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def embed_records(
+    model: CLIP, records: list, transform: ImageTransform, device: torch.device, batch_size: int = 256,
+    num_workers: int = 0, autocast_dtype: torch.dtype | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(embeddings of the readable images, their positions in records, number of unreadable ones)."""
+    from training.data import CaptionDataset, collate
+
+    ds = CaptionDataset(records, transform, seed=0, max_pixels=max_pixels)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    embs, idx, n_bad = [], [], 0
+    for batch in loader:
+        n_bad += batch["n_bad"]
+        if len(batch["indices"]) == 0:
+            continue
+        with _autocast(device, autocast_dtype):
+            e = model.encode_image(batch["pixels"].to(device, non_blocking=True))
+        embs.append(e.float().cpu())
+        idx.append(batch["indices"])
+    dim = model.cfg.align_dim
+    return (torch.cat(embs) if embs else torch.zeros(0, dim)), (torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)), n_bad
+
+
+@torch.no_grad()
+def embed_texts(
+    model: CLIP, tokenizer: CLIPTokenizer, texts: Sequence[str], device: torch.device, batch_size: int = 256,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    out = [torch.zeros(0, model.cfg.align_dim)]
+    for start in range(0, len(texts), batch_size):
+        ids = tokenizer.encode(list(texts[start : start + batch_size])).to(device)
+        with _autocast(device, autocast_dtype):
+            out.append(model.encode_text(ids).float().cpu())
+    return torch.cat(out)
+
+
+def contrastive_val_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, batch_size: int
+) -> dict[str, float]:
+    """Mean CLIP loss and in-batch i2t/t2i accuracy over consecutive batches of paired embeddings."""
+    losses, weights, i2t, t2i = [], [], 0.0, 0.0
+    n = image_emb.shape[0]
+    for start in range(0, n, batch_size):
+        img, txt = image_emb[start : start + batch_size], text_emb[start : start + batch_size]
+        if img.shape[0] < 2 and n >= 2:
+            continue  # a trailing single pair has a trivial loss
+        losses.append(float(clip_loss(img, txt, logit_scale)))
+        weights.append(img.shape[0])
+        logits = img @ txt.t()
+        target = torch.arange(img.shape[0])
+        i2t += float((logits.argmax(dim=1) == target).sum())
+        t2i += float((logits.argmax(dim=0) == target).sum())
+    total = max(1, sum(weights))
+    return {
+        "val_loss": float(np.average(losses, weights=weights)) if losses else float("nan"),
+        "val_i2t_acc": i2t / total,
+        "val_t2i_acc": t2i / total,
+    }
+
+
+def evaluate(
+    model: CLIP, tokenizer: CLIPTokenizer, records: list, device: torch.device, *,
+    class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None, loss_batch_size: int = 128,
+    batch_size: int = 256, num_workers: int = 0, autocast_dtype: torch.dtype | None = None,
+    retrieval: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """All metrics that apply to a record list; labelled records (with class_names) add zero-shot.
+
+    Retrieval runs on caption data; for labelled data whose captions are templates (many
+    images share one caption) it is skipped unless retrieval=True.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        cfg = model.cfg
+        transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
+        img_emb, idx, n_bad = embed_records(model, records, transform, device, batch_size, num_workers,
+                                            autocast_dtype, max_pixels)
+        kept = [records[i] for i in idx.tolist()]
+        out: dict[str, Any] = {"n_images": len(kept), "n_bad": n_bad}
+        if not kept:
+            return out
+        texts, owner = [], []
+        for j, r in enumerate(kept):
+            texts.extend(r.captions)
+            owner.extend([j] * len(r.captions))
+        text_emb = embed_texts(model, tokenizer, texts, device, batch_size, autocast_dtype)
+        owner_t = torch.tensor(owner)
+        first_caption = torch.tensor([owner.index(j) for j in range(len(kept))]) if kept else torch.zeros(0, dtype=torch.long)
+        out["n_captions"] = len(texts)
+        out.update(contrastive_val_loss(img_emb, text_emb[first_caption], model.scale().detach().float().cpu(), loss_batch_size))
+        labelled = bool(class_names) and all(r.label is not None for r in kept)
+        if retrieval is None:
+            retrieval = not labelled
+        if retrieval:
+            out.update(retrieval_metrics(img_emb, text_emb, owner_t))
+        if labelled:
+            cls_emb = class_embeddings(model, tokenizer, class_names, templates, device).float()
+            labels = torch.tensor([r.label for r in kept])
+            zs = zeroshot_metrics(img_emb, labels, cls_emb)
+            out["zeroshot_top1"], out["zeroshot_top5"] = zs["top1"], zs["top5"]
+        return out
+    finally:
+        model.train(was_training)
+
+
+def zeroshot_only(
+    model: CLIP, tokenizer: CLIPTokenizer, records: list, class_names: Sequence[str], templates: Sequence[str] | None,
+    device: torch.device, batch_size: int = 256, num_workers: int = 0, autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Zero-shot top-1/top-5 on a labelled record list (the per-epoch held-out check)."""
+    was_training = model.training
+    model.eval()
+    try:
+        cfg = model.cfg
+        transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
+        img_emb, idx, n_bad = embed_records(model, records, transform, device, batch_size, num_workers, autocast_dtype)
+        labels = torch.tensor([records[i].label for i in idx.tolist()])
+        cls_emb = class_embeddings(model, tokenizer, class_names, templates, device).float()
+        zs = zeroshot_metrics(img_emb, labels, cls_emb)
+        return {"top1": zs["top1"], "top5": zs["top5"], "n_images": int(len(idx)), "n_bad": n_bad}
+    finally:
+        model.train(was_training)

@@ -1,0 +1,176 @@
+"""Resumable run state: checkpoint directories that carry the optimiser, step, RNG and data position.
+
+A training checkpoint is a normal model checkpoint (model.save_checkpoint: weights,
+config, tokenizer, meta) plus two files beside them:
+
+    trainer_state.safetensors   optimiser moments, RNG states (uint8 byte tensors)
+    trainer_state.json          step, epoch, data position, best metric, optimiser hyperparameters
+
+Nothing is pickled. The whole directory is built in a hidden staging folder and published
+with renames, so a kill at any moment leaves the previous or the new checkpoint intact;
+if a kill lands between the two renames of a swap, `find_resumable` recovers the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import CLIP, CLIPTokenizer, save_checkpoint
+from model.errors import CheckpointError
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- RNG
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every RNG a training step can touch: torch CPU/CUDA as byte tensors, Python and NumPy as JSON."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    info = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, [int(k) for k in np_keys], int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    return tensors, info
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, state, gauss = info["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------- optimiser
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state dict into named tensors and a JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, entry in info.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+# --------------------------------------------------------------------------- publish / load
+def _swap_in(staged: Path, directory: Path) -> None:
+    """Replace directory by staged with two renames; the old copy is deleted only afterwards."""
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{time.time_ns()}"
+        os.rename(directory, old)
+        os.rename(staged, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staged, directory)
+    try:
+        fd = os.open(directory.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def save_training_checkpoint(
+    directory: str | Path, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
+) -> str:
+    """Write a model checkpoint (with trainer state when optimizer is given) atomically; returns its hash."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stage-", dir=directory.parent))
+    try:
+        inner = staging / "ckpt"
+        digest = save_checkpoint(inner, model, tokenizer, meta)
+        if optimizer is not None:
+            tensors, optim_info = optimizer_to_flat(optimizer)
+            rng_tensors, rng_info = capture_rng()
+            tensors.update(rng_tensors)
+            save_file(tensors, str(inner / STATE_TENSORS), metadata={"format": "clipforge-trainer"})
+            payload = {"format_version": FORMAT_VERSION, "content_hash": digest, "optimizer": optim_info,
+                       "rng": rng_info, **(state or {})}
+            (inner / STATE_JSON).write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
+            for name in (STATE_TENSORS, STATE_JSON):
+                with open(inner / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(inner, 0o777 & ~umask)  # mkdtemp made it private; a checkpoint is shared like any folder
+        _swap_in(inner, directory)
+        return digest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def has_trainer_state(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / STATE_TENSORS).is_file() and (d / STATE_JSON).is_file()
+
+
+def find_resumable(directory: str | Path) -> Path | None:
+    """directory if it holds a complete training checkpoint, else the newest swapped-out copy of it."""
+    directory = Path(directory)
+    if has_trainer_state(directory):
+        return directory
+    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    for old in reversed(olds):
+        if has_trainer_state(old):
+            return old
+    return None
+
+
+def load_trainer_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainer tensors and JSON of a training checkpoint, checked against its model files."""
+    directory = Path(directory)
+    try:
+        tensors = load_file(str(directory / STATE_TENSORS))
+        info = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"training state in {directory} cannot be read: {exc}") from exc
+    if info.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"training state in {directory} has unknown format {info.get('format_version')!r}")
+    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    if meta.get("content_hash") != info.get("content_hash"):
+        raise CheckpointError(f"training state in {directory} does not belong to the model saved beside it")
+    return tensors, info
+
+
+def prune_step_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` step-NNNNNNNN checkpoints."""
+    steps = sorted(Path(folder).glob("step-*"))
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
