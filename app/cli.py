@@ -18,7 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(
         checkpoint=args.checkpoint, index=args.index, host=args.host, port=args.port, labels_file=args.labels_file,
-        device=args.device, batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        device=args.device, threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         protect_reads=args.protect_reads, cors_origins=args.cors_origin, log_level=args.log_level,
     )
     configure_logging(settings.log_level)
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
     parser.add_argument("--labels-file", type=Path, help="default zero-shot labels, one per line")
     parser.add_argument("--device", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for torch and FAISS (default: all cores)")
     parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
                         help="coalesce concurrent encodes into one forward pass (default on)")
     parser.add_argument("--max-batch-size", type=int, help="most items per forward pass (default 32)")

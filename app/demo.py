@@ -34,7 +34,7 @@ from model.errors import ClipforgeError
 DEFAULT_WORKDIR = Path(".cache/demo")
 # A 64-pixel preset matching the generated images: big enough to compose colour and shape,
 # small enough to train in a few minutes on two CPU cores.
-PRESET = "tiny-64"
+PRESET = "mini-64"
 N_TRAIN = 6000
 N_VAL = 300
 EPOCHS = 6
@@ -193,28 +193,41 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout_s: float) -> None:
 
 
 def serve(layout: DemoLayout, host: str, port: int) -> int:
-    """Run `clipforge serve` on the demo artefacts until Ctrl-C; print the banner once it is ready."""
+    """Run `clipforge serve` on the demo artefacts until Ctrl-C or SIGTERM; print the banner once it is ready.
+
+    The service runs in its own session, so one Ctrl-C reaches it exactly once (forwarded from
+    here) and it can drain in-flight requests instead of being forced down.
+    """
     cmd = _clipforge("serve", "--checkpoint", str(layout.checkpoint.resolve()), "--index", str(layout.index.resolve()),
                      "--host", host, "--port", str(port))
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
     print(f"starting the service on {host}:{port}", flush=True)
-    server = subprocess.Popen(cmd)
+    server = subprocess.Popen(cmd, start_new_session=True)
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         _wait_ready(url, server, READY_TIMEOUT_S)
         print(banner(layout, url), flush=True)
-        return server.wait()
+        code = server.wait()
+        if code != 0:
+            raise DemoError(f"the service stopped with exit code {code}; see its output above")
+        return 0
     except KeyboardInterrupt:
-        server.send_signal(signal.SIGINT)  # the child drains in-flight requests
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        print("stopping the service", flush=True)
         return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if server.poll() is None:
-            server.terminate()
-            server.wait(timeout=30)
+            server.send_signal(signal.SIGINT)  # uvicorn drains in-flight requests on the first SIGINT
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ class ServiceState:
     default_labels: list[str] = field(default_factory=list)
     preset: str = "custom"
     ready: bool = False
+    background: list[Any] = field(default_factory=list)  # asyncio tasks stopped at shutdown
 
 
 def get_state(request: Request) -> ServiceState:

@@ -96,8 +96,13 @@ async def _clipforge_error(request: Request, exc: ClipforgeError) -> JSONRespons
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_json(500, "internal_error", "an unexpected error occurred; it has been logged with the request id")
+    """Runs outside the request-id middleware, so the id comes from the request scope."""
+    request_id = str(request.scope.get("state", {}).get("request_id", "-"))
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc,
+              extra={"request_id": request_id})
+    return error_json(500, "internal_error",
+                      f"an unexpected error occurred; it has been logged with request id {request_id}",
+                      headers={"X-Request-ID": request_id})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -7,6 +7,7 @@ closes the index.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
@@ -113,6 +115,8 @@ def _mark_uploads_binary(schema: dict[str, Any]) -> dict[str, Any]:
 def load_service(state: ServiceState) -> None:
     """Load the checkpoint and open the index (idempotent); errors name what is wrong."""
     settings = state.settings
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     if state.clip is None:
         clip = CLIPInference.load(settings.checkpoint, device=settings.device, max_pixels=settings.max_pixels)
         state.preset = _preset_name(clip)
@@ -124,8 +128,26 @@ def load_service(state: ServiceState) -> None:
         from index import ImageIndex  # only a service with an index needs the index package
 
         state.index = ImageIndex.open(settings.index, model_id=state.clip.model_id, mmap=False)
+        if settings.threads is not None:
+            import faiss
+
+            faiss.omp_set_num_threads(settings.threads)
         state.metrics.index_size.set(len(state.index))
         log.info("index opened", extra={"index": str(settings.index), "size": len(state.index)})
+
+
+async def _follow_index(state: ServiceState, every_s: float) -> None:
+    """Pick up generations committed by other processes (`clipforge index add`) while serving."""
+    while True:
+        await asyncio.sleep(every_s)
+        if state.index is None or state.encoders is None:
+            continue
+        try:
+            if await state.encoders.run(state.index.reload_if_changed):
+                state.metrics.index_size.set(len(state.index))
+                log.info("index reloaded", extra={"size": len(state.index)})
+        except Exception:  # a half-written or unreadable generation: keep serving the old one
+            log.exception("index reload failed; still serving the previous generation")
 
 
 async def _start(state: ServiceState) -> None:
@@ -139,12 +161,18 @@ async def _start(state: ServiceState) -> None:
         state.searcher = encoders.batcher("search", _search_batch(state.index))
     encoders.start()
     state.encoders = encoders
+    if state.index is not None and settings.index_reload_s > 0:
+        state.background.append(asyncio.create_task(_follow_index(state, settings.index_reload_s)))
     state.ready = True
     log.info("ready", extra={"batching": settings.batching, "max_batch_size": settings.effective_batch_size})
 
 
 async def _stop(state: ServiceState) -> None:
     state.ready = False
+    for task in state.background:
+        task.cancel()
+    await asyncio.gather(*state.background, return_exceptions=True)
+    state.background.clear()
     if state.encoders is not None:
         await state.encoders.stop()
         state.encoders = None

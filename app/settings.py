@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     index: Path | None = Field(None, description="index directory; without one the search and image endpoints answer 503")
     labels_file: Path | None = Field(None, description="text file of default zero-shot labels, one per line")
     device: str = Field("cpu", description="torch device for the model, e.g. cpu or cuda")
+    threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="intra-op threads for torch and FAISS (default: all cores; 1 is faster on a machine shared with other jobs)",
+    )
     # where to listen
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -73,6 +77,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="most items per forward pass")
     max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="longest a request waits for a batch to fill")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings kept in the LRU cache (0 turns it off)")
+    index_reload_s: float = Field(
+        5.0, ge=0.0, description="how often to pick up index changes made by other processes (0: never)"
+    )
     # operations
     log_level: str = Field("info", description="debug, info, warning or error")
     shutdown_timeout_s: float = Field(10.0, ge=0.0, description="how long shutdown waits for in-flight requests")

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from index import backends  # noqa: E402
+from index import backends
 
 
 def rss_mb() -> float:

@@ -90,7 +90,7 @@ class Ours(Impl):
         loss.backward()
         self.opt.step()
         self.model.clamp_logit_scale_()
-        return float(loss)
+        return float(loss.detach())
 
 
 class OpenCLIP(Impl):
@@ -127,7 +127,7 @@ class OpenCLIP(Impl):
         self.opt.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, 4.6052)
-        return float(loss)
+        return float(loss.detach())
 
 
 # --------------------------------------------------------------------------- timing
@@ -137,15 +137,16 @@ def autocast(dtype: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(impls: list[Impl], op: str, pixels: torch.Tensor, ids: torch.Tensor, dtype: str, warmup: int,
-            iters: int) -> dict[str, list[float]]:
-    """Per-iteration seconds for each impl, alternating impls every iteration (fair under load)."""
+            iters: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per-iteration (wall, CPU) seconds for each impl, alternating impls every iteration (fair under load)."""
     def call(impl: Impl) -> Callable[[], object]:
         if op == "train":
             impl.model.train()
@@ -155,15 +156,16 @@ def measure(impls: list[Impl], op: str, pixels: torch.Tensor, ids: torch.Tensor,
             return lambda: impl.encode_image(pixels)
         return lambda: impl.encode_text(ids)
 
-    times: dict[str, list[float]] = {impl.name: [] for impl in impls}
+    times: dict[str, tuple[list[float], list[float]]] = {impl.name: ([], []) for impl in impls}
     grad = torch.enable_grad() if op == "train" else torch.inference_mode()
     with grad, autocast(dtype):
         for i in range(warmup + iters):
             order = impls if i % 2 == 0 else impls[::-1]
             for impl in order:
-                t = timed(call(impl))
+                wall, cpu = timed(call(impl))
                 if i >= warmup:
-                    times[impl.name].append(t)
+                    times[impl.name][0].append(wall)
+                    times[impl.name][1].append(cpu)
     return times
 
 
@@ -185,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rival = open_clip is not None and not args.no_open_clip
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
-          f"open_clip {'%s' % open_clip.__version__ if rival else 'not measured'}, "
-          f"{args.warmup} warm-up + {args.iters} timed iterations (median)")
+          f"open_clip {open_clip.__version__ if rival else 'not measured'}, "
+          f"{args.warmup} warm-up + {args.iters} timed iterations (median, wall clock; "
+          f"the CPU-second ratio is steadier on a shared machine)")
     rows = []
     for preset in args.presets:
         for size in args.sizes:
@@ -201,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                     times = measure(impls, op, pixels, ids, dtype, args.warmup, args.iters)
                     row = {"preset": preset, "img_size": size, "patch_size": cfg.patch_size, "dtype": dtype,
                            "op": op, "batch": args.batch}
-                    for name, ts in times.items():
-                        row[f"{name}_per_s"] = args.batch / statistics.median(ts)
+                    for name, (wall, cpu) in times.items():
+                        row[f"{name}_per_s"] = args.batch / statistics.median(wall)
+                        row[f"{name}_per_cpu_s"] = args.batch / statistics.median(cpu)
                     if rival:
                         row["ratio"] = row["clipforge_per_s"] / row["open_clip_per_s"]
+                        row["cpu_ratio"] = row["clipforge_per_cpu_s"] / row["open_clip_per_cpu_s"]
                     rows.append(row)
                     print(format_row(row, rival), flush=True)
 
@@ -227,7 +232,8 @@ def format_row(row: dict, rival: bool) -> str:
     label = f"{row['preset']:6s} {row['img_size']:3d}px/{row['patch_size']:<2d} {row['dtype']:4s} {row['op']:5s}"
     text = f"{label}  clipforge {row['clipforge_per_s']:9.1f} {UNITS[row['op']]:9s}"
     if rival:
-        text += f"  open_clip {row['open_clip_per_s']:9.1f}  ratio {row['ratio']:5.2f}x"
+        text += (f"  open_clip {row['open_clip_per_s']:9.1f}  ratio {row['ratio']:5.2f}x"
+                 f"  (per CPU-second {row['cpu_ratio']:5.2f}x)")
     return text
 
 

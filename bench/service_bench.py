@@ -165,6 +165,8 @@ def start_server(checkpoint: Path, index: Path, batching: bool, port: int, log: 
     cmd = [sys.executable, "-m", "clipforge_cli", "serve", "--checkpoint", str(checkpoint), "--index", str(index),
            "--host", "127.0.0.1", "--port", str(port), "--batching" if batching else "--no-batching",
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -204,6 +206,7 @@ def main() -> int:
     parser.add_argument("--classify-requests", type=int, default=480, help="per (mode, concurrency)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_bench.json")
     args = parser.parse_args()
 
@@ -264,7 +267,7 @@ def main() -> int:
         print(f"{total:,} requests, {errors} errors")
         result = {
             "preset": args.preset, "index_size": args.index_size, "max_batch_size": args.max_batch_size,
-            "max_wait_ms": args.max_wait_ms, "rows": rows, "speedup": speedups, "mean_batch": batches,
+            "max_wait_ms": args.max_wait_ms, "threads": args.threads, "rows": rows, "speedup": speedups, "mean_batch": batches,
             "total_requests": total, "errors": errors, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
         }

@@ -14,7 +14,7 @@
 # at all; any other problem fails. Every step is bounded in time.
 #
 # Environment: VENV (default .venv), CLIPFORGE_SMOKE_DIR (cache: daemon data root, stand-in
-# rootfs; default .cache/compose-smoke), CLIPFORGE_SMOKE_STEPS (bootstrap training steps, 60).
+# rootfs; default .cache/compose-smoke), CLIPFORGE_SMOKE_STEPS (bootstrap training steps, 20).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +26,7 @@ CACHE="${CLIPFORGE_SMOKE_DIR:-$ROOT/.cache/compose-smoke}"
 PROJECT="clipforge-smoke"
 IMAGE="clipforge:smoke"
 BASE_IMAGE="python:3.11-slim"
-export CLIPFORGE_SMOKE_STEPS="${CLIPFORGE_SMOKE_STEPS:-60}"
+export CLIPFORGE_SMOKE_STEPS="${CLIPFORGE_SMOKE_STEPS:-20}"
 
 log() { printf '[compose-smoke %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 skip() { log "SKIP: $*"; exit 0; }
@@ -57,6 +57,13 @@ cleanup() {
             kill -KILL "$DOCKERD_PID"
         fi
     fi
+    # dockerd leaves its data root bind-mounted and the default netns mounted after it exits
+    for prefix in "$RUN_DIR" "$CACHE"; do
+        [ -n "$prefix" ] || continue
+        awk -v p="$prefix/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
+            umount -l "$mnt" 2>/dev/null
+        done
+    done
     [ -n "$RUN_DIR" ] && rm -rf "$RUN_DIR"
     exit "$status"
 }

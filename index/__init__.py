@@ -4,7 +4,13 @@ Depends on model only. See image_index.py for the API and store.py for the on-di
 """
 
 from .backends import INDEX_TYPES, IndexParams
-from .errors import IndexExistsError, IndexMismatchError, IndexNotFoundError, IndexStoreError, PathOutsideRootError
+from .errors import (
+    IndexExistsError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    IndexStoreError,
+    PathOutsideRootError,
+)
 from .image_index import AddReport, ImageIndex, NewImage, SearchResult
 from .metadata import ImageRecord
 

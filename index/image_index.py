@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import faiss
 import numpy as np
@@ -27,8 +27,13 @@ from filelock import FileLock, Timeout
 
 from . import backends, store
 from .backends import IndexParams, Tombstones
-from .errors import IndexExistsError, IndexMismatchError, IndexNotFoundError, IndexStoreError
-from .files import relative_to_root, resolve_inside, safe_filename, sha256_bytes
+from .errors import (
+    IndexExistsError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    IndexStoreError,
+)
+from .files import relative_to_root, resolve_inside, safe_filename
 from .manifest import Manifest, utc_now
 from .metadata import ImageRecord, MetadataReader, MetadataWriter
 
@@ -62,7 +67,7 @@ class AddReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     replaced: list[int] = field(default_factory=list)  # ids dropped because their file's content changed
 
-    def merge(self, other: "AddReport") -> None:
+    def merge(self, other: AddReport) -> None:
         self.added += other.added
         self.duplicates += other.duplicates
         self.failed += other.failed
@@ -110,7 +115,7 @@ def _normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
     return np.ascontiguousarray(arr / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def _model_identity(clip: "CLIPInference | str", dim: int | None) -> tuple[str, int]:
+def _model_identity(clip: CLIPInference | str, dim: int | None) -> tuple[str, int]:
     if isinstance(clip, str):
         if dim is None:
             raise IndexStoreError("give dim= together with a model id")
@@ -165,10 +170,10 @@ class ImageIndex:
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(
-        cls, path: str | Path, clip: "CLIPInference | str", *, dim: int | None = None, index_type: str = "auto",
+        cls, path: str | Path, clip: CLIPInference | str, *, dim: int | None = None, index_type: str = "auto",
         root: str | Path | None = None, params: IndexParams | dict[str, Any] | None = None,
         checkpoint_path: str | Path | None = None, uploads: str = "uploads",
-    ) -> "ImageIndex":
+    ) -> ImageIndex:
         """A new, empty index directory for embeddings of `clip` (or of model id + dim).
 
         root is the folder stored paths are relative to (default: the index folder itself);
@@ -178,7 +183,7 @@ class ImageIndex:
         directory = Path(path)
         if store.is_index_dir(directory):
             raise IndexExistsError(f"{directory} already holds an index; open it or add to it instead")
-        if directory.exists() and (not directory.is_dir() or any(p.name != store.LOCK for p in directory.iterdir())):
+        if directory.exists() and (not directory.is_dir() or not store.is_empty_or_crashed_create(directory)):
             raise IndexExistsError(f"{directory} exists and is not an empty folder")
         params = backends.parse_params(params)
         backends.choose_type(index_type, 0)  # validates the name
@@ -199,6 +204,7 @@ class ImageIndex:
         with FileLock(str(directory / store.LOCK), timeout=DEFAULT_LOCK_TIMEOUT):
             if store.is_index_dir(directory):
                 raise IndexExistsError(f"{directory} already holds an index")
+            store.clean_up(directory, live=0)  # leftovers of a create that was killed before it finished
             staging = store.staging_dir(directory, 1)
             faiss.write_index(index, str(staging / store.FAISS_FILE))
             MetadataWriter(staging / store.DB_FILE).finish()
@@ -210,7 +216,7 @@ class ImageIndex:
     def open(
         cls, path: str | Path, model_id: str | None = None, mmap: bool = False,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    ) -> "ImageIndex":
+    ) -> ImageIndex:
         """Load an index; with model_id, refuse one built by another checkpoint.
 
         mmap maps the FAISS data instead of reading it into memory (large indexes).
@@ -227,7 +233,7 @@ class ImageIndex:
         """Release the database handle; the object is unusable afterwards."""
         self._state.db.close()
 
-    def __enter__(self) -> "ImageIndex":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -266,7 +272,7 @@ class ImageIndex:
     def __len__(self) -> int:
         return self._state.manifest.count
 
-    def check_model(self, clip: "CLIPInference | str") -> None:
+    def check_model(self, clip: CLIPInference | str) -> None:
         """Refuse embeddings from another checkpoint: their vectors live in a different space."""
         model_id = clip if isinstance(clip, str) else clip.model_id
         m = self._state.manifest
@@ -281,7 +287,10 @@ class ImageIndex:
     def info(self) -> dict[str, Any]:
         st = self._state
         m = st.manifest
-        size = sum(f.stat().st_size for f in (self.directory / store.gen_name(st.generation)).iterdir())
+        try:
+            size = sum(f.stat().st_size for f in (self.directory / store.gen_name(st.generation)).iterdir())
+        except FileNotFoundError:  # retired by a writer in another process since we loaded it
+            size = 0
         return {
             "path": str(self.directory), "count": m.count, "index_type": m.index_type, "requested_type": m.requested_type,
             "params": dict(m.params), "dim": m.dim, "metric": m.metric, "checkpoint_hash": m.model_id,
@@ -343,12 +352,12 @@ class ImageIndex:
             out.append(hits[:k])
         return out
 
-    def search_text(self, clip: "CLIPInference", text: str, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+    def search_text(self, clip: CLIPInference, text: str, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
         self.check_model(clip)
         return self.search_by_vector(clip.embed_texts([text]), k, min_score)[0]
 
     def search_image(
-        self, clip: "CLIPInference", image_source: "ImageSource", k: int = 10, min_score: float | None = None
+        self, clip: CLIPInference, image_source: ImageSource, k: int = 10, min_score: float | None = None
     ) -> list[SearchResult]:
         self.check_model(clip)
         return self.search_by_vector(clip.embed_images([image_source]), k, min_score)[0]
@@ -390,7 +399,7 @@ class ImageIndex:
                 ) from exc
 
     def add_files(
-        self, clip: "CLIPInference", paths: Sequence[str | Path], captions: Sequence[str | None] | None = None, *,
+        self, clip: CLIPInference, paths: Sequence[str | Path], captions: Sequence[str | None] | None = None, *,
         copy_outside_root: bool = False, batch_size: int = 64, workers: int | None = None, progress: bool = False,
         max_bytes: int | None = None, commit_every: int | None = None,
     ) -> AddReport:
@@ -420,7 +429,7 @@ class ImageIndex:
             sources.append(p)
             names.append((str(raw), rel, rel is None, caption))
 
-        def make(d: "Decoded") -> _Pending:
+        def make(d: Decoded) -> _Pending:
             name, rel, copy, caption = names[d.position]
             if copy:
                 rel = f"{self._state.manifest.uploads}/{safe_filename(Path(name).name, d.sha256)}"
@@ -430,14 +439,14 @@ class ImageIndex:
         return report
 
     def add_bytes(
-        self, clip: "CLIPInference", items: Sequence[tuple[str, bytes, str | None]], *, max_bytes: int | None = None
+        self, clip: CLIPInference, items: Sequence[tuple[str, bytes, str | None]], *, max_bytes: int | None = None
     ) -> AddReport:
         """Add uploaded images (filename, content, caption): stored under root/uploads, then indexed."""
         self.check_model(clip)
         report = AddReport()
         uploads = self._state.manifest.uploads
 
-        def make(d: "Decoded") -> _Pending:
+        def make(d: Decoded) -> _Pending:
             name, content, caption = items[d.position]
             rel = f"{uploads}/{safe_filename(name, d.sha256)}"
             return _Pending(name, NewImage(rel, d.sha256, d.width, d.height, caption), np.empty(0), content)
@@ -446,7 +455,7 @@ class ImageIndex:
         return report
 
     def _ingest(
-        self, clip: "CLIPInference", sources: Sequence[Path | bytes], make: Any, report: AddReport, batch_size: int,
+        self, clip: CLIPInference, sources: Sequence[Path | bytes], make: Any, report: AddReport, batch_size: int,
         workers: int | None, progress: bool, max_bytes: int | None, commit_every: int | None,
         names: Sequence[str] | None = None,
     ) -> None:
@@ -458,7 +467,7 @@ class ImageIndex:
         def name_of(position: int) -> str:
             return names[position] if names is not None else str(sources[position])
 
-        def skip(items: list["Decoded"]) -> set[int]:
+        def skip(items: list[Decoded]) -> set[int]:
             known = self._state.db.ids_by_hash([d.sha256 for d in items])
             drop = set()
             for d in items:
@@ -660,7 +669,7 @@ class ImageIndex:
                 raise
             manifest = replace(
                 m, index_type=target, requested_type=requested, params=resolved, count=count,
-                tombstones=int(len(new_tomb)), next_id=max(m.next_id, int(ids.max()) + 1 if len(ids) else 0),
+                tombstones=len(new_tomb), next_id=max(m.next_id, int(ids.max()) + 1 if len(ids) else 0),
                 generation=generation, updated=utc_now(),
             )
             (staging / store.MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")

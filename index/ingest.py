@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import CLIPInference, ClipforgeError
+from model import ClipforgeError, CLIPInference
 from model.image import ImageTransform, load_and_preprocess
 
 from .files import sha256_bytes
@@ -74,14 +74,14 @@ class _DecodeDataset(torch.utils.data.Dataset):
             out.sha256 = sha256_bytes(data)
             try:
                 out.width, out.height = Image.open(io.BytesIO(data)).size  # header only: the true size
-            except Exception:  # a non-image: load_and_preprocess below gives the precise reason
-                pass
+            except (OSError, ValueError, SyntaxError):
+                pass  # not an image: load_and_preprocess below raises with the precise reason
             out.pixels = load_and_preprocess(data, self.transform, self.max_pixels)
         except ClipforgeError as exc:
             out.error = _OBJECT_REPR.sub("data", str(exc))
         except OSError as exc:
             out.error = f"cannot read: {exc.strerror or exc}"
-        except Exception as exc:  # a decoder bug on hostile input must not stop a 1M-image build
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on hostile input must not stop a 1M-image build
             out.error = f"cannot decode: {type(exc).__name__}: {exc}"
         return out
 

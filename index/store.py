@@ -49,6 +49,18 @@ def is_index_dir(path: Path) -> bool:
     return (Path(path) / CURRENT).is_file()
 
 
+def is_empty_or_crashed_create(directory: Path) -> bool:
+    """True for an empty folder, or one holding only what a create killed before its commit leaves."""
+    if is_index_dir(directory):
+        return False
+    for entry in Path(directory).iterdir():
+        name = entry.name
+        if name in (LOCK, f".{CURRENT}.tmp") or _GEN_RE.match(name) or (name.startswith(".gen-") and name.endswith(".tmp")):
+            continue
+        return False
+    return True
+
+
 def read_current(directory: Path) -> int:
     """The live generation number, or IndexNotFoundError when `directory` holds no index."""
     path = Path(directory) / CURRENT

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoint import load_checkpoint
 from .clip import CLIP
@@ -82,8 +83,10 @@ class CLIPInference:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.model.encode_image(pixels.to(self.device)).float().cpu().numpy()
 
-    def embed_images(self, images: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:
-        """PIL images, paths or bytes -> (N, D) normalised float32 embeddings."""
+    def embed_images(self, images: Sequence[ImageSource] | ImageSource, batch_size: int = 64) -> np.ndarray:
+        """PIL images, paths or bytes -> (N, D) normalised float32 embeddings (a single one gives N = 1)."""
+        if isinstance(images, (str, Path, bytes, bytearray, Image.Image)) or hasattr(images, "read"):
+            images = [images]  # one path is not a sequence of one-letter paths
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
@@ -91,8 +94,10 @@ class CLIPInference:
         return np.concatenate(out)
 
     @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Strings -> (N, D) normalised float32 embeddings."""
+    def embed_texts(self, texts: Sequence[str] | str, batch_size: int = 256) -> np.ndarray:
+        """Strings -> (N, D) normalised float32 embeddings (a single string gives N = 1)."""
+        if isinstance(texts, str):
+            texts = [texts]  # not one embedding per character
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(texts), batch_size):
             ids = self.tokenizer.encode(list(texts[start : start + batch_size])).to(self.device)
@@ -108,6 +113,8 @@ class CLIPInference:
 
     # ------------------------------------------------------------------ ranking
     def _softmax(self, sims: np.ndarray) -> np.ndarray:
+        if sims.size == 0:
+            return sims.copy()
         z = sims * self.logit_scale
         z = z - z.max(axis=-1, keepdims=True)
         e = np.exp(z)

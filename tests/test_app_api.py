@@ -226,10 +226,24 @@ def test_metrics_exposes_routes_and_batches(client: TestClient) -> None:
     assert "clipforge_index_size" in text
 
 
-def test_json_log_lines_carry_request_id(client: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture()
+def json_logging():
+    """configure_logging for one test, then the logging set-up other tests expect is put back."""
+    import logging
+
     from app.logs import configure_logging
 
-    configure_logging("info")
+    names = ("clipforge", "uvicorn", "uvicorn.error", "uvicorn.access")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate,
+                 logging.getLogger(n).disabled) for n in names}
+    yield configure_logging
+    for name, (handlers, level, propagate, disabled) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.level, logger.propagate, logger.disabled = handlers, level, propagate, disabled
+
+
+def test_json_log_lines_carry_request_id(client: TestClient, capsys: pytest.CaptureFixture[str], json_logging) -> None:
+    json_logging("info")  # inside the test, so the handler writes to the captured stderr
     client.get("/healthz", headers={"X-Request-ID": "log-probe-1"})
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     access = [entry for entry in lines if entry.get("request_id") == "log-probe-1"]
@@ -313,3 +327,33 @@ def test_openapi_contract(client: TestClient) -> None:
         ref = classify_responses[status]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorResponse")
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_unexpected_errors_are_json_and_logged(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A fault inside a route (injected: the scorer raises) gives the JSON error shape, never a traceback."""
+    app = create_app(Settings(checkpoint=tiny_checkpoint))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        clip = app.state.service.clip
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr(clip, "scores", broken)
+        with caplog.at_level("ERROR", logger="clipforge.app"):
+            r = c.post("/similarity", files={"image": ("a.png", shape_image())}, data={"texts": ["a"]},
+                       headers={"X-Request-ID": "fault-1"})
+        err = assert_error(r, 500, "internal_error")
+        assert "fault-1" in err["message"] and r.headers["x-request-id"] == "fault-1"
+        assert "injected fault" not in r.text and "Traceback" not in r.text
+        assert any(getattr(rec, "request_id", None) == "fault-1" and rec.exc_info for rec in caplog.records)
+        assert c.get("/healthz").status_code == 200
+
+
+def test_cors_preflight_allows_configured_origins(tiny_checkpoint: Path) -> None:
+    settings = Settings(checkpoint=tiny_checkpoint, cors_origins=["http://localhost:3000"])
+    with TestClient(create_app(settings)) as c:
+        ok = c.options("/search", headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "GET"})
+        assert ok.headers.get("access-control-allow-origin") == "http://localhost:3000"
+        other = c.options("/search", headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in other.headers

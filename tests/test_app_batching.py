@@ -15,7 +15,6 @@ from test_app_support import shape_image
 
 from app.batching import LRUCache, MicroBatcher
 from app.main import create_app
-from app.metrics import ServiceMetrics
 from app.settings import Settings
 from model import CLIPInference
 

@@ -203,3 +203,26 @@ def test_embeddings_of_search_hits_are_consistent(client: TestClient, clip: CLIP
     data = (index_dir / "images" / "blue_circle.png").read_bytes()
     emb = client.post("/embed/image", files=[("images", ("b.png", data))]).json()["results"][0]["embedding"]
     np.testing.assert_allclose(np.array(emb, dtype=np.float32), clip.embed_images([data])[0], atol=1e-5)
+
+
+def test_picks_up_images_added_by_another_process(tiny_checkpoint: Path, index_dir: Path, tmp_path: Path,
+                                                  clip: CLIPInference) -> None:
+    import time
+
+    from index import ImageIndex
+
+    copy = tmp_path / "idx"
+    shutil.copytree(index_dir, copy)
+    settings = Settings(checkpoint=tiny_checkpoint, index=copy, index_reload_s=0.1)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/info").json()["index"]["size"] == 12
+        extra = copy / "images" / "extra.png"
+        extra.write_bytes(shape_image("square", "red", size=44))
+        with ImageIndex.open(copy) as writer:  # as `clipforge index add` would, from outside the service
+            writer.add_files(clip, [extra], ["an extra red square"])
+        deadline = time.monotonic() + 10
+        while c.get("/info").json()["index"]["size"] != 13 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get("/info").json()["index"]["size"] == 13
+        hits = c.get("/search", params={"q": "an extra red square", "k": 13}).json()["results"]
+        assert any(h["path"] == "images/extra.png" for h in hits)

@@ -58,6 +58,11 @@ def test_imagefolder_rejects_folder_of_splits(tmp_path: Path) -> None:
     write_image(tmp_path / "test" / "cat" / "0.jpg")
     with pytest.raises(DataError, match="folder of splits"):
         load_records(DataSpec(kind="imagefolder", path=str(tmp_path)))
+    with pytest.raises(DataError, match=r"folder of splits \(test, train\)"):
+        parse_data_spec(str(tmp_path))
+    (tmp_path / "x.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="compressed archive"):
+        parse_data_spec(str(tmp_path / "x.tar.gz"))
 
 
 # ---------------------------------------------------------------- csv / flickr

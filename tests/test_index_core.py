@@ -11,8 +11,14 @@ import pytest
 from PIL import Image
 
 from index import (
-    ImageIndex, IndexExistsError, IndexMismatchError, IndexNotFoundError, IndexStoreError, NewImage,
-    PathOutsideRootError, backends,
+    ImageIndex,
+    IndexExistsError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    IndexStoreError,
+    NewImage,
+    PathOutsideRootError,
+    backends,
 )
 from model import CLIPInference
 
@@ -265,3 +271,17 @@ def test_other_handle_reloads_after_a_write(tmp_path: Path) -> None:
     assert len(a) == 8 and a.verify()["count"] == 8
     gens = sorted(p.name for p in (tmp_path / "idx").iterdir() if p.name.startswith("gen-"))
     assert len(gens) <= 2 and not [p for p in os.listdir(tmp_path / "idx") if p.endswith(".tmp")]
+
+
+def test_create_over_the_leftovers_of_a_killed_create(tmp_path: Path) -> None:
+    path = tmp_path / "idx"
+    (path / "gen-00000001").mkdir(parents=True)  # renamed, but CURRENT was never written
+    (path / ".gen-00000002.tmp").mkdir()
+    with pytest.raises(IndexNotFoundError):
+        ImageIndex.open(path)
+    idx = ImageIndex.create(path, "m" * 64, dim=8)
+    assert len(idx) == 0 and sorted(os.listdir(path)) == [".lock", "CURRENT", "gen-00000001"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(IndexExistsError, match="not an empty folder"):
+        ImageIndex.create(tmp_path / "other", "m" * 64, dim=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -81,10 +82,10 @@ def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str) -> 
     acked_add: set[int] = set(range(1, base + 1))
     acked_del: set[int] = set()
     rng = random.Random(kind)
-    for attempt in range(3):
+    for attempt in range(3 if kind == "flat" else 2):
         proc = start_writer(path, seed=attempt + 10 * len(kind))
         wait_ready(proc)
-        time.sleep(rng.uniform(0.05, 1.2))  # lands anywhere: between commits, inside one, in a fsync
+        time.sleep(rng.uniform(0.05, 0.8))  # lands anywhere: between commits, inside one, in a fsync
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         assert proc.returncode == -signal.SIGKILL
@@ -150,7 +151,7 @@ def test_concurrent_readers_never_see_a_half_applied_update(tmp_path: Path, kind
                     ids = [h.id for h in row]
                     if len(row) != 10 or len(set(ids)) != 10:
                         errors.append(f"incomplete result {ids}")
-                    if any(a.score < b.score - 1e-6 for a, b in zip(row, row[1:])):
+                    if any(a.score < b.score - 1e-6 for a, b in itertools.pairwise(row)):
                         errors.append("unsorted result")
                 searches[0] += 1
             except Exception as exc:  # noqa: BLE001 - any exception is a failure to report

@@ -123,3 +123,15 @@ def test_bad_images_raise_image_errors(clip: CLIPInference, tiny_checkpoint: Pat
     small_limit = CLIPInference.load(tiny_checkpoint, max_pixels=1000)
     with pytest.raises(ImageTooLargeError):
         small_limit.preprocess(_images()[0])
+
+
+def test_single_items_and_empty_lists(clip: CLIPInference, tmp_path: Path) -> None:
+    path = tmp_path / "one.png"
+    _images()[0].save(path)
+    single = clip.embed_images(str(path))
+    assert single.shape == (1, 128)
+    np.testing.assert_allclose(single, clip.embed_images([path]), atol=1e-6)
+    assert clip.embed_images(_images()[0]).shape == (1, 128)
+    assert clip.embed_texts("a red circle").shape == (1, 128)
+    assert clip.rank_texts(_images()[0], []) == []
+    assert clip.rank_images("a red circle", []) == []

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model import CLIP, CLIPConfig
-from model.layers import Attention, apply_rope, math_attention, rope_cache
+from model.layers import Attention, apply_rope, linear, math_attention, rope_cache
 
 
 def _micro(**kw) -> CLIPConfig:
@@ -134,3 +135,29 @@ def test_sdpa_path_equals_math_path_in_both_towers(text_pos: str, kv_heads: int)
     out_p.sum().backward()
     for (name, pf), (_, pp) in zip(fused.named_parameters(), plain.named_parameters()):
         assert torch.allclose(pf.grad, pp.grad, atol=1e-4, rtol=1e-3), name
+
+
+# --------------------------------------------------------------------------- the inference linear kernel
+@pytest.mark.parametrize("gelu", [False, True])
+def test_inference_linear_matches_f_linear(gelu: bool) -> None:
+    torch.manual_seed(7)
+    x = torch.randn(3, 9, 32)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    expected = F.linear(x, w, b)
+    expected = F.gelu(expected) if gelu else expected
+    with torch.no_grad():  # the fused oneDNN path where torch has it
+        got = linear(x, w, b, gelu=gelu)
+        strided = linear(x[:, :1], w[:16], b[:16], gelu=gelu)  # row slices, as the CLS-only block uses
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(strided, expected[:, :1, :16], atol=1e-5)
+    assert torch.allclose(linear(x, w, b, gelu=gelu), expected, atol=1e-6)  # grad mode: F.linear
+
+
+def test_model_outputs_agree_between_inference_and_grad_mode() -> None:
+    torch.manual_seed(8)
+    model = CLIP(_micro()).eval()
+    pixels, ids = torch.randn(2, 3, 16, 16), torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    with_grad = model(pixels, ids)[0]
+    with torch.inference_mode():
+        inferred = model(pixels, ids)[0]
+    assert torch.allclose(with_grad, inferred, atol=1e-4)

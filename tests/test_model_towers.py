@@ -128,3 +128,21 @@ def test_image_embedding_depends_on_every_patch_and_on_position() -> None:
     swapped = x.clone()  # swap two patches: learned positions make the order matter
     swapped[..., :4, :4], swapped[..., 12:, 12:] = x[..., 12:, 12:], x[..., :4, :4]
     assert not torch.allclose(model.encode_image(swapped), base, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cls_only_last_block_equals_the_full_computation(grad: bool) -> None:
+    torch.manual_seed(4)
+    model = CLIP(_micro(img_n_layers=3)).eval()
+    vit = model.visual
+    x = torch.randn(3, 3, 16, 16)
+    with torch.set_grad_enabled(grad):
+        tokens = vit.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([vit.cls_token.expand(3, -1, -1), tokens], dim=1) + vit.pos_embed
+        for block in vit.blocks:
+            tokens = block(tokens)
+        full = vit.norm(tokens)[:, 0]
+        assert torch.allclose(vit.forward_features(x), full, atol=1e-5)
+        # A block asked for the first n queries returns exactly those rows of its full output.
+        h = torch.randn(2, 10, 32)
+        assert torch.allclose(vit.blocks[0](h, n_queries=3), vit.blocks[0](h)[:, :3], atol=1e-5)

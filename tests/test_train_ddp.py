@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,12 +44,18 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     lines += [f"{k} = {json.dumps(v)}" for k, v in ddp.model.items()]
     cfg_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "training.cli", "train", "--config", str(cfg_file)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -78,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .loop import train
 
     metrics = train(cfg, resume=args.resume)
-    if metrics:
+    if metrics and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     return 0
 
@@ -120,10 +121,11 @@ def _demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- tune
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _given_overrides(args))
-    from .tune import run_study
+    from .tune import SearchSpace, run_study
 
+    space = SearchSpace.from_toml(args.space) if args.space else SearchSpace()
     result = run_study(cfg, cfg.out, study_name=args.study, n_trials=args.trials, metric=args.metric,
-                       timeout_s=args.timeout)
+                       timeout_s=args.timeout, space=space)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -160,6 +162,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tune.add_argument("--study", default="clipforge", help="study name (rerun with the same name to continue it)")
     tune.add_argument("--trials", type=int, default=10, help="trials to run in this invocation")
     tune.add_argument("--metric", default="auto", help="validation metric to maximise (losses are minimised)")
+    tune.add_argument("--space", help="TOML file narrowing the search ranges (keys: lr, init_temperature, weight_decay, "
+                                      "batch_size, width, head_dim, img_layers, text_layers, dropout)")
     tune.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     _add_config_flags(tune)
     tune.set_defaults(func=cmd_tune)

@@ -38,6 +38,7 @@ class TrainConfig(BaseModel):
     max_val_samples: int | None = Field(2000, gt=0, description="cap on validation images evaluated per epoch")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail above this share of unreadable images")
     train_augment: bool = Field(True, description="random resized crops for training images")
+    hflip: bool = Field(False, description="random horizontal flips too (off by default: captions say left and right)")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images")
     # schedule
     out: str = Field(..., description="run folder (checkpoints, logs, plots)")

@@ -108,7 +108,7 @@ class Trainer:
         module: nn.Module = ContrastiveModule(self.model)
         if info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         if cfg.compile:
             module = torch.compile(module)
         self.module = module
@@ -231,11 +231,13 @@ class Trainer:
         return value > self.best_value if self.best_mode == "max" else value < self.best_value
 
     # ------------------------------------------------------------------ the loop
-    def _check_bad(self) -> None:
+    def _check_bad(self) -> tuple[int, int]:
+        """(bad, seen) training images over all ranks; raises DataError above max_bad_fraction."""
         from training.data import check_bad_fraction
 
         n_bad, n_seen = all_reduce_sum([float(self.n_bad), float(self.n_seen)], self.info, self.device)
         check_bad_fraction(int(n_bad), int(n_seen), self.cfg.max_bad_fraction)
+        return int(n_bad), int(n_seen)
 
     def _batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = batch["pixels"]
@@ -330,9 +332,9 @@ class Trainer:
             if self.run.streamed:
                 self._save("last")
         progress.close()
-        self._check_bad()
+        n_bad, n_seen = self._check_bad()
         if info.is_main:
-            self._finish(progress)
+            self._finish(progress, n_bad, n_seen)
         barrier(info)
         return self.last_metrics
 
@@ -377,15 +379,14 @@ class Trainer:
         if self.on_epoch_end is not None:
             self.on_epoch_end(int(math.ceil(metrics["epoch"])), metrics)
 
-    def _finish(self, progress: Progress) -> None:
+    def _finish(self, progress: Progress, n_bad: int, n_seen: int) -> None:
         from .plots import write_plots
 
-        total_bad = self.n_bad
         summary = dict(self.last_metrics)
-        summary["n_bad_images"] = total_bad
-        summary["n_images_seen"] = self.n_seen
+        summary["n_bad_images"] = n_bad
+        summary["n_images_seen"] = n_seen
         self.logger.log("summary", self.step, summary)
-        msg = f"done: {self.step} steps; {total_bad} of {self.n_seen} training images were unreadable and skipped"
+        msg = f"done: {self.step} steps; {n_bad} of {n_seen} training images were unreadable and skipped"
         progress.write(msg)
         if self.cfg.plots:
             try:

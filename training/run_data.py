@@ -93,8 +93,8 @@ def _shard_captions(path: str, limit: int) -> list[str]:
     return out
 
 
-def train_transform(mcfg: CLIPConfig, augment: bool) -> ImageTransform:
-    return ImageTransform(mcfg.img_size, mcfg.image_mean, mcfg.image_std, train=augment)
+def train_transform(mcfg: CLIPConfig, augment: bool, hflip: bool = False) -> ImageTransform:
+    return ImageTransform(mcfg.img_size, mcfg.image_mean, mcfg.image_std, train=augment, hflip=augment and hflip)
 
 
 def make_train_loader(
@@ -104,7 +104,7 @@ def make_train_loader(
     """The loader of one epoch, starting at batch start_batch, and the number of batches per epoch (None if streamed)."""
     from training.data import CaptionDataset, ShardDataset, collate
 
-    transform = train_transform(mcfg, cfg.train_augment)
+    transform = train_transform(mcfg, cfg.train_augment, cfg.hflip)
     local = cfg.batch_size // info.world_size
     common: dict[str, Any] = dict(
         batch_size=local, num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",

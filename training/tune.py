@@ -10,35 +10,62 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from model.errors import ClipforgeError
+from model.errors import ClipforgeError, ConfigError
 
 from .config import TrainConfig, build_config
 from .loop import train
 
-WIDTHS = (64, 128, 192, 256)
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges searched by `clipforge tune` (a TOML file given with --space may narrow them)."""
+
+    lr: tuple[float, float] = (1e-4, 3e-3)
+    init_temperature: tuple[float, float] = (0.02, 0.1)
+    weight_decay: tuple[float, float] = (1e-3, 0.3)
+    batch_size: tuple[int, ...] = (32, 64, 128, 256)
+    width: tuple[int, ...] = (64, 128, 192, 256)
+    head_dim: int = 32
+    img_layers: tuple[int, int] = (2, 6)
+    text_layers: tuple[int, int] = (2, 6)
+    dropout: tuple[float, float] = (0.0, 0.2)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "SearchSpace":
+        from .config import read_toml
+
+        data = read_toml(path)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown search-space key(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+        except TypeError as exc:
+            raise ConfigError(f"bad search space in {path}: {exc}") from None
 
 
-def suggest(trial: Any, base: TrainConfig, n_train: int | None = None) -> dict[str, Any]:
+def suggest(trial: Any, base: TrainConfig, space: SearchSpace, n_train: int | None = None) -> dict[str, Any]:
     """One point of the search space: optimiser, temperature, batch, and model size/regularisation."""
-    batch_choices = [b for b in (32, 64, 128, 256) if n_train is None or b <= n_train] or [base.batch_size]
-    width = trial.suggest_categorical("width", list(WIDTHS))
-    heads = max(1, width // 32)
-    dropout = trial.suggest_float("dropout", 0.0, 0.2)
+    batch_choices = [b for b in space.batch_size if n_train is None or b <= n_train] or [min(space.batch_size)]
+    width = trial.suggest_categorical("width", list(space.width))
+    heads = max(1, width // space.head_dim)
+    dropout = trial.suggest_float("dropout", *space.dropout)
     model = {
         **base.model,
         "img_dim": width, "img_n_heads": heads, "text_dim": width, "text_n_heads": heads, "text_n_kv_heads": heads,
         "align_dim": width,
-        "img_n_layers": trial.suggest_int("img_layers", 2, 6),
-        "text_n_layers": trial.suggest_int("text_layers", 2, 6),
+        "img_n_layers": trial.suggest_int("img_layers", *space.img_layers),
+        "text_n_layers": trial.suggest_int("text_layers", *space.text_layers),
         "img_dropout_rate": dropout, "text_dropout_rate": dropout,
-        "init_temperature": trial.suggest_float("init_temperature", 0.02, 0.1, log=True),
+        "init_temperature": trial.suggest_float("init_temperature", *space.init_temperature, log=True),
     }
     return {
-        "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.3, log=True),
+        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
         "batch_size": trial.suggest_categorical("batch_size", batch_choices),
         "model": model,
     }
@@ -46,19 +73,20 @@ def suggest(trial: Any, base: TrainConfig, n_train: int | None = None) -> dict[s
 
 def run_study(
     base: TrainConfig, out: str | Path, study_name: str = "clipforge", n_trials: int = 10, metric: str = "auto",
-    timeout_s: float | None = None,
+    timeout_s: float | None = None, space: SearchSpace | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a study; returns {"best_params", "best_value", "metric", ...} also written as JSON."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = space or SearchSpace()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
     chosen: dict[str, str] = {}
 
     def objective(trial: optuna.Trial) -> float:
-        overrides = suggest(trial, base, base.max_samples)
+        overrides = suggest(trial, base, space, base.max_samples)
         values = {**base.model_dump(), **overrides, "out": str(out / "trials" / f"trial-{trial.number:04d}"),
                   "progress": False, "tensorboard": False, "best_metric": metric}
         cfg = build_config(values)

@@ -1,0 +1,199 @@
+"""Quality benchmark: train clipforge models under fixed wall-clock budgets and measure them.
+
+    .venv/bin/python bench/quality_bench.py                      # all three tasks, full budgets
+    .venv/bin/python bench/quality_bench.py --tasks shapes --shapes-minutes 3
+
+Tasks (each trains with the real `training` package, on data read by its loaders):
+  shapes    synthetic shapes; zero-shot top-1 on the held-out colour-shape combinations (goal >= 95%, 10 min)
+  cifar10   ../shared/data/cifar10-images.tar.gz as image folders + templates; zero-shot top-1 on the
+            10,000 test images with template ensembling (goal >= 65%, 15 min)
+  flickr8k  ../shared/data/flickr8k-1k captions.txt (CSV): train on ~800 images, recall@1/5/10 both
+            directions on the other ~200
+
+A short calibration run measures this machine's step time first, so the cosine schedule
+is sized to end inside the budget (max_minutes also stops the run there, whatever happens).
+Results: a table on stdout and JSON in bench/results/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import build_config  # noqa: E402
+from training.eval_report import evaluate_checkpoint  # noqa: E402
+from training.logs import read_metrics  # noqa: E402
+from training.loop import train  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+CACHE = ROOT / ".cache" / "bench"
+RESULTS = ROOT / "bench" / "results"
+
+# Settings found by short sweeps on the 2-core dev machine (see the report for the runs).
+SHAPES_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 3, "text_dim": 128, "text_n_heads": 4,
+                "text_n_kv_heads": 2, "text_n_layers": 2, "align_dim": 128, "patch_size": 8, "img_pool": "mean",
+                "vocab_size": 256}
+CIFAR_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 4, "text_dim": 128, "text_n_heads": 4,
+               "text_n_kv_heads": 2, "text_n_layers": 1, "align_dim": 128, "patch_size": 4, "img_pool": "mean",
+               "vocab_size": 256}
+FLICKR_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 4, "text_dim": 128, "text_n_heads": 4,
+                "text_n_kv_heads": 2, "text_n_layers": 3, "align_dim": 128, "img_pool": "mean", "vocab_size": 2048}
+
+
+def _base(out: Path, **kw: Any) -> dict[str, Any]:
+    cfg = dict(out=str(out), progress=False, tensorboard=True, plots=True, num_workers=1, keep_checkpoints=0,
+               log_every=10, seed=0)
+    cfg.update(kw)
+    return cfg
+
+
+def calibrate(values: dict[str, Any], steps: int = 12) -> float:
+    """Median seconds per optimiser step of this config on this machine right now."""
+    out = Path(values["out"]).with_name(Path(values["out"]).name + "-calib")
+    shutil.rmtree(out, ignore_errors=True)
+    cal = {**values, "out": str(out), "max_steps": steps, "log_every": 1, "val_fraction": 0.0, "val_data": None,
+           "zeroshot_data": None, "plots": False, "tensorboard": False, "max_minutes": None, "epochs": 1000}
+    train(build_config(cal))
+    rates = [r["steps_per_s"] for r in read_metrics(out) if r.get("kind") == "train"][2:]
+    shutil.rmtree(out, ignore_errors=True)
+    return 1.0 / statistics.median(rates)
+
+
+def timed_train(values: dict[str, Any], minutes: float, n_train: int, eval_share: float = 0.08) -> dict[str, Any]:
+    """Size the schedule to the budget, train, and return the run's last metrics plus timings."""
+    sec_per_step = calibrate(values)
+    steps = max(10, int(minutes * 60 * (1 - eval_share) / sec_per_step))
+    spe = max(1, n_train // values["batch_size"])
+    values = {**values, "max_steps": steps, "epochs": math.ceil(steps / spe), "max_minutes": minutes,
+              "warmup_steps": min(values.get("warmup_steps", 100), steps // 10)}
+    shutil.rmtree(values["out"], ignore_errors=True)
+    t0 = time.monotonic()
+    metrics = train(build_config(values))
+    wall = time.monotonic() - t0
+    train_recs = [r for r in read_metrics(values["out"]) if r.get("kind") == "train"]
+    done = train_recs[-1]["step"] if train_recs else 0
+    return {"metrics": metrics, "train_wall_s": round(wall, 1), "planned_steps": steps, "steps": done,
+            "sec_per_step_calibrated": round(sec_per_step, 3), "batch_size": values["batch_size"],
+            "epochs": round(done / spe, 2), "config": {k: v for k, v in values.items() if k != "out"}}
+
+
+# --------------------------------------------------------------------------- tasks
+def task_shapes(minutes: float) -> dict[str, Any]:
+    from training.data import generate_shapes
+
+    data = generate_shapes(CACHE / "shapes-32", n_train=20000, n_val=500, img_size=32, seed=0, n_eval=600)
+    out = CACHE / "runs" / "shapes"
+    values = _base(out, preset="mini-32", model=SHAPES_MODEL, data=f"shapes:{data}",
+                   val_data=f"shapes:{data}?split=val", zeroshot_data=f"shapes:{data}?split=heldout",
+                   batch_size=128, lr=2e-3, warmup_steps=50, weight_decay=0.05, train_augment=False)
+    run = timed_train(values, minutes, 20000)
+    t0 = time.monotonic()
+    heldout = evaluate_checkpoint(out / "last", f"shapes:{data}?split=heldout", num_workers=1)
+    seen = evaluate_checkpoint(out / "last", f"shapes:{data}?split=seen", num_workers=1, write_meta=False)
+    run.update(heldout_top1=heldout["zeroshot_top1"], heldout_top5=heldout["zeroshot_top5"],
+               seen_top1=seen["zeroshot_top1"], heldout_images=heldout["n_images"],
+               eval_s=round(time.monotonic() - t0, 1), goal="heldout_top1 >= 0.95")
+    return run
+
+
+def extract_cifar() -> Path:
+    target = CACHE / "cifar10"
+    if (target / "test").is_dir() and (target / "train").is_dir():
+        return target
+    archive = SHARED / "cifar10-images.tar.gz"
+    if not archive.is_file():
+        raise SystemExit(f"CIFAR-10 archive not found at {archive}")
+    tmp = CACHE / ".cifar10-extract"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    (tmp / "cifar10").rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def task_cifar10(minutes: float) -> dict[str, Any]:
+    root = extract_cifar()
+    out = CACHE / "runs" / "cifar10"
+    values = _base(out, preset="mini-32", model=CIFAR_MODEL, data=f"imagefolder:{root / 'train'}",
+                   val_fraction=0.02, max_val_samples=1000, batch_size=256, lr=2e-3, warmup_steps=100,
+                   weight_decay=0.1, hflip=True)
+    run = timed_train(values, minutes, 49000)
+    t0 = time.monotonic()
+    test = evaluate_checkpoint(out / "last", f"imagefolder:{root / 'test'}", num_workers=1, batch_size=500)
+    run.update(test_top1=test["zeroshot_top1"], test_top5=test["zeroshot_top5"], test_images=test["n_images"],
+               eval_s=round(time.monotonic() - t0, 1), goal="test_top1 >= 0.65 (open_clip reference ~0.55)")
+    return run
+
+
+def task_flickr8k(minutes: float) -> dict[str, Any]:
+    captions = SHARED / "flickr8k-1k" / "captions.txt"
+    if not captions.is_file():
+        raise SystemExit(f"Flickr8k-1k not found at {captions}")
+    out = CACHE / "runs" / "flickr8k"
+    values = _base(out, preset="mini-64", model=FLICKR_MODEL, data=f"csv:{captions}", val_fraction=0.2,
+                   batch_size=64, lr=1e-3, warmup_steps=50, weight_decay=0.1)
+    from training.data import load_records, parse_data_spec, split_records
+
+    train_rs, val_rs = split_records(load_records(parse_data_spec(values["data"])), 0.2, 0)
+    run = timed_train(values, minutes, len(train_rs.records))
+    m = run["metrics"]
+    run.update({k: m.get(k) for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")},
+               train_images=len(train_rs.records), val_images=len(val_rs.records),
+               chance_r1=round(1 / max(1, len(val_rs.records)), 4))
+    return run
+
+
+TASKS = {"shapes": task_shapes, "cifar10": task_cifar10, "flickr8k": task_flickr8k}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="shapes,cifar10,flickr8k", help="comma-separated: shapes, cifar10, flickr8k")
+    p.add_argument("--shapes-minutes", type=float, default=10.0)
+    p.add_argument("--cifar-minutes", type=float, default=15.0)
+    p.add_argument("--flickr-minutes", type=float, default=5.0)
+    p.add_argument("--out", default=str(RESULTS / "quality.json"))
+    args = p.parse_args()
+    budgets = {"shapes": args.shapes_minutes, "cifar10": args.cifar_minutes, "flickr8k": args.flickr_minutes}
+    results: dict[str, Any] = {"machine": "2-core CPU dev machine, shared with other jobs",
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        if name not in TASKS:
+            raise SystemExit(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+        print(f"== {name} ({budgets[name]} min)", flush=True)
+        results[name] = {"budget_min": budgets[name], **TASKS[name](budgets[name])}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    print()
+    print(f"{'task':9s} {'budget':>7s} {'steps':>6s} {'epochs':>6s} {'result':s}")
+    for name in TASKS:
+        r = results.get(name)
+        if not r:
+            continue
+        if name == "shapes":
+            res = f"held-out zero-shot top-1 {r['heldout_top1']:.3f} (seen combos {r['seen_top1']:.3f})"
+        elif name == "cifar10":
+            res = f"test zero-shot top-1 {r['test_top1']:.3f}, top-5 {r['test_top5']:.3f}"
+        else:
+            res = (f"i2t R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/{r['i2t_r10']:.3f}  "
+                   f"t2i R@1/5/10 {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f}")
+        print(f"{name:9s} {r['budget_min']:>6.1f}m {r['steps']:>6d} {r['epochs']:>6.2f} {res}")
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
