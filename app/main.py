@@ -112,6 +112,20 @@ def _mark_uploads_binary(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _tune_faiss(settings: Settings) -> None:
+    """Serving batches (<= max_batch_size queries) take FAISS's blocked scan, not its BLAS path.
+
+    Measured on the 2-core dev machine with a 100k x 256 flat index, 32 queries: 104 ms by the
+    scan against 429 ms through BLAS (FAISS switches to BLAS from 20 queries by default).
+    """
+    import faiss
+
+    faiss.cvar.distance_compute_blas_threshold = max(int(faiss.cvar.distance_compute_blas_threshold),
+                                                     settings.effective_batch_size + 1)
+    if settings.threads is not None:
+        faiss.omp_set_num_threads(settings.threads)
+
+
 def load_service(state: ServiceState) -> None:
     """Load the checkpoint and open the index (idempotent); errors name what is wrong."""
     settings = state.settings
@@ -128,10 +142,7 @@ def load_service(state: ServiceState) -> None:
         from index import ImageIndex  # only a service with an index needs the index package
 
         state.index = ImageIndex.open(settings.index, model_id=state.clip.model_id, mmap=False)
-        if settings.threads is not None:
-            import faiss
-
-            faiss.omp_set_num_threads(settings.threads)
+        _tune_faiss(settings)
         state.metrics.index_size.set(len(state.index))
         log.info("index opened", extra={"index": str(settings.index), "size": len(state.index)})
 

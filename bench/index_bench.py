@@ -24,6 +24,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -71,7 +72,7 @@ def recall_at_10(index: faiss.Index, kind: str, params: dict, queries: np.ndarra
     return float(np.mean([len(set(a) & set(b)) / 10.0 for a, b in zip(ids, truth)]))
 
 
-def bench_vectors(args: argparse.Namespace) -> list[dict]:
+def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
     rows: list[dict] = []
     for n in args.sizes:
         print(f"\n== {n:,} x {args.dim} random unit vectors ==", flush=True)
@@ -82,9 +83,10 @@ def bench_vectors(args: argparse.Namespace) -> list[dict]:
         for kind in args.types:
             params = backends.IndexParams(
                 hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, nlist=args.nlist, pq_m=args.pq_m,
-                train_size=args.train_size,
+                train_size=args.train_size, refine_k_factor=max(args.refine),
             )
             gc.collect()
+            faiss.omp_set_num_threads(args.build_threads or os.cpu_count() or 1)
             before = rss_mb()
             t0 = time.perf_counter()
             index, resolved = backends.new_index(kind, args.dim, params, train=xb if kind == "ivfpq" else None)
@@ -99,26 +101,31 @@ def bench_vectors(args: argparse.Namespace) -> list[dict]:
                     backends.add(exact, xb, ids)
                 truth = backends.search(exact, "flat", xq, 10, {}, None)[1]
                 del exact
+            faiss.omp_set_num_threads(args.threads or os.cpu_count() or 1)
             knob_name = {"hnsw": "ef_search", "ivfpq": "nprobe"}.get(kind)
             settings = {"hnsw": args.ef_search, "ivfpq": args.nprobe}.get(kind, [None])
+            factors = args.refine if kind == "ivfpq" else [None]
             print(f"{kind}: built in {build_s:.1f}s (train {train_s:.1f}s), +{mem:.0f} MiB RSS", flush=True)
-            for value in settings:
+            for value, factor in [(v, f) for v in settings for f in factors]:
                 knobs = {knob_name: value} if knob_name else {}
-                rec = recall_at_10(index, kind, resolved, xq, truth, **knobs)
+                query_params = {**resolved, "refine_k_factor": factor} if factor else resolved
+                rec = recall_at_10(index, kind, query_params, xq, truth, **knobs)
                 runs1 = min(args.queries, args.single_runs)
-                p50_1, p99_1 = time_queries(index, kind, resolved, xq, 1, runs1, **knobs)
-                p50_64, p99_64 = time_queries(index, kind, resolved, xq, 64, args.batch_runs, **knobs)
+                p50_1, p99_1 = time_queries(index, kind, query_params, xq, 1, runs1, **knobs)
+                p50_64, p99_64 = time_queries(index, kind, query_params, xq, 64, args.batch_runs, **knobs)
                 row = {
                     "n": n, "dim": args.dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
                     "rss_mib": round(mem, 1), "index_mib": round(size_mb, 1), "knob": knob_name, "value": value,
+                    "refine_k_factor": factor,
                     "recall@10": round(rec, 4), "p50_ms_b1": round(p50_1, 3), "p99_ms_b1": round(p99_1, 3),
                     "p50_ms_b64": round(p50_64, 3), "p99_ms_b64": round(p99_64, 3),
                     "params": {k: v for k, v in resolved.items() if k in ("hnsw_m", "ef_construction", "nlist", "pq_m", "pq_nbits")},
                 }
                 rows.append(row)
-                label = f"{knob_name}={value}" if knob_name else "exact"
-                print(f"  {label:14s} recall@10 {rec:.3f}  batch1 p50 {p50_1:8.3f} ms p99 {p99_1:8.3f} ms   "
+                label = (f"{knob_name}={value}" if knob_name else "exact") + (f" refine={factor}" if factor else "")
+                print(f"  {label:24s} recall@10 {rec:.3f}  batch1 p50 {p50_1:8.3f} ms p99 {p99_1:8.3f} ms   "
                       f"batch64 p50 {p50_64:8.2f} ms p99 {p99_64:8.2f} ms", flush=True)
+            save(rows)
             del index
         del xb
     return rows
@@ -178,8 +185,11 @@ def main() -> int:
     parser.add_argument("--nlist", type=int, default=None)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--pq-m", type=int, default=None)
+    parser.add_argument("--refine", type=int, nargs="+", default=[4, 16, 64],
+                        help="IVF-PQ re-rank factors to sweep (0 alone: bare PQ codes)")
     parser.add_argument("--train-size", type=int, default=100_000)
-    parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="FAISS threads for queries (default: all cores)")
+    parser.add_argument("--build-threads", type=int, default=None, help="FAISS threads for building (default: all cores)")
     parser.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "flickr8k-1k" / "images"))
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -188,27 +198,31 @@ def main() -> int:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_bench.json"))
     args = parser.parse_args()
-    if args.threads:
-        faiss.omp_set_num_threads(args.threads)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, faiss {faiss.__version__}",
         "command": " ".join(sys.argv), "vectors": [], "end_to_end": None,
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict]) -> None:  # partial results survive an interrupted run
+        report["vectors"] = rows
+        out.write_text(json.dumps(report, indent=2))
+
     if not args.skip_vectors:
-        report["vectors"] = bench_vectors(args)
+        bench_vectors(args, save)
     if not args.skip_e2e:
         if Path(args.images).is_dir():
             report["end_to_end"] = bench_end_to_end(args)
         else:
             print(f"skipping end-to-end: {args.images} not found")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     if report["vectors"]:
         print("\n| n | type | setting | build s | +RSS MiB | recall@10 | b1 p50 ms | b1 p99 ms | b64 p50 ms | b64 p99 ms |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in report["vectors"]:
-            setting = f"{r['knob']}={r['value']}" if r["knob"] else "exact"
+            setting = (f"{r['knob']}={r['value']}" if r["knob"] else "exact") + (
+                f" refine={r['refine_k_factor']}" if r.get("refine_k_factor") else "")
             print(f"| {r['n']:,} | {r['type']} | {setting} | {r['build_s']} | {r['rss_mib']} | {r['recall@10']} | "
                   f"{r['p50_ms_b1']} | {r['p99_ms_b1']} | {r['p50_ms_b64']} | {r['p99_ms_b64']} |")
     print(f"\nwrote {out}")

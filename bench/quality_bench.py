@@ -70,7 +70,7 @@ def calibrate(values: dict[str, Any], steps: int = 12) -> float:
     return 1.0 / statistics.median(rates)
 
 
-def timed_train(values: dict[str, Any], minutes: float, n_train: int, eval_share: float = 0.08) -> dict[str, Any]:
+def timed_train(values: dict[str, Any], minutes: float, n_train: int, eval_share: float = 0.12) -> dict[str, Any]:
     """Size the schedule to the budget, train, and return the run's last metrics plus timings."""
     sec_per_step = calibrate(values)
     steps = max(10, int(minutes * 60 * (1 - eval_share) / sec_per_step))
@@ -96,7 +96,7 @@ def task_shapes(minutes: float) -> dict[str, Any]:
     out = CACHE / "runs" / "shapes"
     values = _base(out, preset="mini-32", model=SHAPES_MODEL, data=f"shapes:{data}",
                    val_data=f"shapes:{data}?split=val", zeroshot_data=f"shapes:{data}?split=heldout",
-                   batch_size=128, lr=2e-3, warmup_steps=50, weight_decay=0.05, train_augment=False)
+                   batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, train_augment=False)
     run = timed_train(values, minutes, 20000)
     t0 = time.monotonic()
     heldout = evaluate_checkpoint(out / "last", f"shapes:{data}?split=heldout", num_workers=1)
@@ -128,7 +128,7 @@ def task_cifar10(minutes: float) -> dict[str, Any]:
     root = extract_cifar()
     out = CACHE / "runs" / "cifar10"
     values = _base(out, preset="mini-32", model=CIFAR_MODEL, data=f"imagefolder:{root / 'train'}",
-                   val_fraction=0.02, max_val_samples=1000, batch_size=256, lr=2e-3, warmup_steps=100,
+                   val_fraction=0.02, max_val_samples=1000, batch_size=128, lr=2e-3, warmup_steps=100,
                    weight_decay=0.1, hflip=True)
     run = timed_train(values, minutes, 49000)
     t0 = time.monotonic()

@@ -3,10 +3,12 @@
 Starts `clipforge serve` (uvicorn on 127.0.0.1) over an untrained `tiny` checkpoint and a
 100k-vector flat index (random unit vectors added through ImageIndex.add_embeddings), once with
 micro-batching on and once off, and drives each endpoint at several concurrencies with a
-minimal keep-alive HTTP/1.1 client (so the client costs little CPU next to the server).
+minimal keep-alive HTTP/1.1 client (so the client costs little CPU next to the server). Both
+servers run side by side and each measurement alternates between them in rounds, so load from
+other jobs on a shared machine falls on both modes alike.
 Every /search query is a different string, so the text cache never answers for the model.
 
-    .venv/bin/python bench/service_bench.py                      # defaults: ~10,000 requests
+    .venv/bin/python bench/service_bench.py --threads 1          # defaults: ~10,000 requests
     .venv/bin/python bench/service_bench.py --search-requests 300 --classify-requests 60   # quick
 
 Prints a table and writes bench/results/service_bench.json.
@@ -116,8 +118,8 @@ async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw:
     return status
 
 
-async def drive(host: str, port: int, requests: list[bytes], concurrency: int) -> dict[str, float]:
-    """Send every request once over `concurrency` keep-alive connections; latency percentiles and rate."""
+async def drive(host: str, port: int, requests: list[bytes], concurrency: int) -> dict:
+    """Send every request once over `concurrency` keep-alive connections: latencies, errors, wall time."""
     latencies: list[float] = []
     errors = 0
     queue = list(reversed(requests))
@@ -144,11 +146,16 @@ async def drive(host: str, port: int, requests: list[bytes], concurrency: int) -
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    lat = np.array(latencies) * 1000
+    return {"latencies": latencies, "errors": errors, "seconds": time.perf_counter() - started, "requests": len(requests)}
+
+
+def summarise(parts: list[dict]) -> dict[str, float]:
+    """Rounds of one (endpoint, mode, concurrency) combined: percentiles over all, rate over summed wall time."""
+    lat = np.array([x for p in parts for x in p["latencies"]]) * 1000
+    wall = sum(p["seconds"] for p in parts)
     return {
-        "requests": len(requests), "errors": errors, "seconds": round(wall, 3),
-        "rps": round(len(latencies) / wall, 1),
+        "requests": sum(p["requests"] for p in parts), "errors": sum(p["errors"] for p in parts),
+        "seconds": round(wall, 3), "rps": round(len(lat) / wall, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
     }
@@ -183,8 +190,8 @@ def start_server(checkpoint: Path, index: Path, batching: bool, port: int, log: 
     raise RuntimeError("server did not become ready")
 
 
-def batch_stats(port: int) -> dict[str, float]:
-    """Mean items per forward pass by encoder, from the server's own /metrics."""
+def batch_stats(port: int) -> dict[str, tuple[float, float]]:
+    """(items, forward passes) so far by encoder, from the server's own /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
@@ -193,7 +200,17 @@ def batch_stats(port: int) -> dict[str, float]:
             if line.startswith(prefix):
                 kind = line.split('kind="')[1].split('"')[0]
                 target[kind] = float(line.rsplit(" ", 1)[1])
-    return {k: round(sums[k] / counts[k], 2) for k in sums if counts.get(k)}
+    return {k: (sums[k], counts.get(k, 0.0)) for k in sums}
+
+
+def mean_batch(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean items per forward pass between two /metrics snapshots."""
+    out = {}
+    for kind, (items, passes) in after.items():
+        items0, passes0 = before.get(kind, (0.0, 0.0))
+        if passes > passes0:
+            out[kind] = round((items - items0) / (passes - passes0), 2)
+    return out
 
 
 # ---------------------------------------------------------------------- main
@@ -204,6 +221,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--search-requests", type=int, default=1200, help="per (mode, concurrency)")
     parser.add_argument("--classify-requests", type=int, default=480, help="per (mode, concurrency)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating on/off rounds per measurement")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: all cores)")
@@ -218,31 +236,40 @@ def main() -> int:
         print(f"fixtures built in {time.perf_counter() - t0:.1f}s", flush=True)
         images = [jpeg(seed) for seed in range(16)]
         rows: list[dict] = []
-        batches: dict[str, dict[str, float]] = {}
         serial = 0
-        for batching in (True, False):
-            port = free_port()
-            host = f"127.0.0.1:{port}"
-            proc = start_server(checkpoint, index, batching, port, work / f"serve-{batching}.log", args)
-            try:
-                warm = [search_request(10_000_000 + i, host) for i in range(64)]
-                asyncio.run(drive("127.0.0.1", port, warm, 8))
+        servers: dict[bool, tuple[subprocess.Popen, int]] = {}
+        try:
+            for batching in (True, False):  # both up at once; runs alternate between them in rounds
+                port = free_port()
+                servers[batching] = (start_server(checkpoint, index, batching, port, work / f"serve-{batching}.log", args), port)
+                host = f"127.0.0.1:{port}"
+                asyncio.run(drive("127.0.0.1", port, [search_request(10_000_000 + i, host) for i in range(64)], 8))
                 asyncio.run(drive("127.0.0.1", port, [classify_request(images[0], host)] * 16, 4))
-                for endpoint in ("search", "classify"):
-                    for conc in args.concurrency:
-                        if endpoint == "search":
-                            reqs = [search_request(serial + i, host) for i in range(args.search_requests)]
-                            serial += args.search_requests
-                        else:
-                            reqs = [classify_request(images[i % len(images)], host) for i in range(args.classify_requests)]
-                        result = asyncio.run(drive("127.0.0.1", port, reqs, conc))
-                        row = {"endpoint": endpoint, "batching": batching, "concurrency": conc, **result}
-                        rows.append(row)
+            for endpoint in ("search", "classify"):
+                total_n = args.search_requests if endpoint == "search" else args.classify_requests
+                per_round = max(1, total_n // args.rounds)
+                for conc in args.concurrency:
+                    parts: dict[bool, list[dict]] = {True: [], False: []}
+                    batch_before = {b: batch_stats(port) for b, (_, port) in servers.items()}
+                    for _ in range(args.rounds):  # A/B/A/B...: load drift on a shared machine hits both modes alike
+                        for batching, (_, port) in servers.items():
+                            host = f"127.0.0.1:{port}"
+                            if endpoint == "search":
+                                reqs = [search_request(serial + i, host) for i in range(per_round)]
+                                serial += per_round
+                            else:
+                                reqs = [classify_request(images[i % len(images)], host) for i in range(per_round)]
+                            parts[batching].append(asyncio.run(drive("127.0.0.1", port, reqs, conc)))
+                    for batching, (_, port) in servers.items():
+                        result = summarise(parts[batching])
+                        batch = mean_batch(batch_before[batching], batch_stats(port))
+                        rows.append({"endpoint": endpoint, "batching": batching, "concurrency": conc, **result,
+                                     "mean_batch": batch})
                         print(f"{endpoint:8s} batching={'on ' if batching else 'off'} c={conc:<3d} "
                               f"{result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-                              f"errors {result['errors']}", flush=True)
-                batches["on" if batching else "off"] = batch_stats(port)
-            finally:
+                              f"errors {result['errors']}  mean batch {batch}", flush=True)
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=60)
 
@@ -256,18 +283,18 @@ def main() -> int:
         total = sum(r["requests"] for r in rows)
         errors = sum(r["errors"] for r in rows)
         print()
-        print("| endpoint | batching | concurrency | req/s | p50 ms | p99 ms | errors |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("| endpoint | batching | concurrency | req/s | p50 ms | p99 ms | errors | mean batch |")
+        print("|---|---|---:|---:|---:|---:|---:|---|")
         for r in rows:
             print(f"| {r['endpoint']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.1f} | "
-                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
+                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+                  + ", ".join(f"{k} {v}" for k, v in r["mean_batch"].items()) + " |")
         print()
         print("batching speed-up (req/s on / off): " + ", ".join(f"{k} {v}x" for k, v in speedups.items()))
-        print(f"mean items per forward pass: {batches}")
         print(f"{total:,} requests, {errors} errors")
         result = {
             "preset": args.preset, "index_size": args.index_size, "max_batch_size": args.max_batch_size,
-            "max_wait_ms": args.max_wait_ms, "threads": args.threads, "rows": rows, "speedup": speedups, "mean_batch": batches,
+            "max_wait_ms": args.max_wait_ms, "threads": args.threads, "rounds": args.rounds, "rows": rows, "speedup": speedups,
             "total_requests": total, "errors": errors, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
         }

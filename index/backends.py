@@ -4,6 +4,10 @@ flat   exact inner product (IndexIDMap2 over IndexFlatIP); small collections.
 hnsw   graph search (IndexIDMap2 over IndexHNSWFlat); cannot delete, so removals are
        tombstones filtered during the search (an IDSelector) and compacted on rebuild.
 ivfpq  inverted lists of product-quantised codes, trained on a sample; huge collections.
+       By default the PQ candidates (k * refine_k_factor) are re-ranked with float16 copies
+       of the vectors (memory-mappable), which keeps recall high where PQ alone ranks
+       poorly; removals are then tombstones too. refine_k_factor=0 keeps codes only
+       (smallest, physical removal, lower recall).
 All use inner product on L2-normalised vectors (cosine similarity).
 """
 
@@ -39,6 +43,7 @@ class IndexParams(BaseModel):
     pq_m: int | None = Field(None, ge=1, le=512, description="PQ sub-quantizers (default dim/8)")
     pq_nbits: int = Field(8, ge=4, le=12, description="bits per PQ code")
     train_size: int = Field(100_000, ge=256, description="IVF-PQ training sample size")
+    refine_k_factor: int = Field(4, ge=0, le=256, description="IVF-PQ: re-rank k*factor candidates exactly (0: off)")
 
 
 def parse_params(values: dict[str, Any] | IndexParams | None) -> IndexParams:
@@ -98,6 +103,11 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = min(params.nprobe, nlist)
         resolved.update(nlist=nlist, pq_m=m)
+        if params.refine_k_factor:
+            exact = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            refined = faiss.IndexRefine(index, exact)
+            refined.k_factor = params.refine_k_factor
+            return faiss.IndexIDMap2(refined), resolved
         return index, resolved
     raise IndexStoreError(f"unknown index type {kind!r}")
 
@@ -107,8 +117,13 @@ def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
 
 
-def can_remove(kind: str) -> bool:
-    return kind != "hnsw"
+def can_remove(kind: str, params: dict[str, Any]) -> bool:
+    """Whether ids can be deleted physically (otherwise they become tombstones)."""
+    return kind == "flat" or (kind == "ivfpq" and not params.get("refine_k_factor"))
+
+
+def _id_mapped(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(index), faiss.IndexIDMap2)
 
 
 def remove(index: faiss.Index, ids: np.ndarray) -> int:
@@ -117,7 +132,7 @@ def remove(index: faiss.Index, ids: np.ndarray) -> int:
 
 def stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
     """Every id held by the FAISS index, tombstoned ones included (for consistency checks)."""
-    if kind in ("flat", "hnsw"):
+    if _id_mapped(index):
         return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
@@ -127,22 +142,34 @@ def stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
 
 def vectors_and_ids(index: faiss.Index, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """The exact stored vectors with their ids, for re-indexing as another type or compacting."""
-    if kind not in ("flat", "hnsw"):
-        raise IndexStoreError("an ivfpq index keeps only compressed codes; rebuild it from the images instead")
+    if not _id_mapped(index):
+        raise IndexStoreError("this ivfpq index keeps only compressed codes; rebuild it from the images instead")
     idmap = faiss.downcast_index(index)
     ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
     inner = faiss.downcast_index(idmap.index)
-    storage = inner if kind == "flat" else faiss.downcast_index(inner.storage)
+    if kind == "flat":
+        storage = inner
+    elif kind == "hnsw":
+        storage = faiss.downcast_index(inner.storage)
+    else:  # float16 copies kept for re-ranking
+        storage = faiss.downcast_index(inner.refine_index)
     vecs = storage.reconstruct_n(0, storage.ntotal) if storage.ntotal else np.zeros((0, index.d), np.float32)
     return np.asarray(vecs, dtype=np.float32), ids
 
 
 class Tombstones:
-    """Removed-but-still-stored ids of a graph index, and the selector that hides them from searches."""
+    """Removed-but-still-stored ids, and the selector that hides them during the search itself.
 
-    def __init__(self, ids: np.ndarray) -> None:
+    HNSW filters external ids (the id map translates them); the re-ranked IVF-PQ filters in
+    its inner IVF search, which sees internal positions, so those are selected instead.
+    """
+
+    def __init__(self, ids: np.ndarray, index: faiss.Index | None = None, kind: str = "hnsw") -> None:
         self.ids = np.unique(np.asarray(ids, dtype=np.int64))
-        self._batch = faiss.IDSelectorBatch(self.ids) if len(self.ids) else None
+        hidden = self.ids
+        if len(self.ids) and kind == "ivfpq" and index is not None and _id_mapped(index):
+            hidden = np.flatnonzero(np.isin(stored_ids(index, kind), self.ids)).astype(np.int64)
+        self._batch = faiss.IDSelectorBatch(hidden) if len(hidden) else None
         self.selector = faiss.IDSelectorNot(self._batch) if self._batch is not None else None
 
     def __len__(self) -> int:
@@ -161,8 +188,15 @@ def search(
             sp.sel = tombstones.selector
         return index.search(queries, k, params=sp)
     if kind == "ivfpq":
-        sp = faiss.SearchParametersIVF()
-        sp.nprobe = int(nprobe or params.get("nprobe", 32))
+        ivf = faiss.SearchParametersIVF()
+        ivf.nprobe = int(nprobe or params.get("nprobe", 32))
+        if tombstones is not None and tombstones.selector is not None:
+            ivf.sel = tombstones.selector
+        if not _id_mapped(index):
+            return index.search(queries, k, params=ivf)
+        sp = faiss.IndexRefineSearchParameters()
+        sp.k_factor = float(params.get("refine_k_factor") or 4)
+        sp.base_index_params = ivf
         return index.search(queries, k, params=sp)
     return index.search(queries, k)
 

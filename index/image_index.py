@@ -37,13 +37,13 @@ from .files import relative_to_root, resolve_inside, safe_filename
 from .manifest import Manifest, utc_now
 from .metadata import ImageRecord, MetadataReader, MetadataWriter
 
-if TYPE_CHECKING:  # model is imported lazily: opening and searching by vector need no torch
+if TYPE_CHECKING:  # annotations only; the embedding pipeline (ingest.py) is imported when first used
     from model import CLIPInference
     from model.image import ImageSource
 
     from .ingest import Decoded
 
-# A graph index is compacted (rebuilt without its tombstones) once they exceed this share.
+# An index that cannot delete (HNSW, re-ranked IVF-PQ) is rebuilt without its tombstones past this share.
 COMPACT_TOMBSTONE_RATIO = 0.25
 DEFAULT_LOCK_TIMEOUT = 120.0
 
@@ -124,7 +124,7 @@ def _model_identity(clip: CLIPInference | str, dim: int | None) -> tuple[str, in
 
 
 def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
-    # Flat vector storage (flat, and HNSW's storage) is mapped; IVF-PQ codes are compact and are read.
+    # Full-size vector storage (flat, HNSW storage, IVF-PQ float16 re-rank copies) is mapped; PQ codes are read.
     flags = (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if mmap else 0
     try:
         return faiss.read_index(str(path), flags)
@@ -151,7 +151,7 @@ def _load_snapshot(directory: Path, mmap: bool) -> _Snapshot:
             raise
         if index.d != manifest.dim:
             raise IndexStoreError(f"{gen_dir}: FAISS index has dimension {index.d}, manifest says {manifest.dim}")
-        tomb = Tombstones(np.array(db.tombstones(), dtype=np.int64)) if manifest.tombstones else Tombstones(np.zeros(0, np.int64))
+        tomb = Tombstones(np.array(db.tombstones() if manifest.tombstones else [], dtype=np.int64), index, manifest.index_type)
         return _Snapshot(generation, manifest, index, db, tomb, mmap)
     raise IndexStoreError(f"{directory} keeps changing while being opened: {last}")
 
@@ -623,8 +623,9 @@ class ImageIndex:
         old_tomb = st.tombstones.ids
         count = m.count + len(ids) - len(remove_ids)
         target = force_kind or backends.target_type(requested, kind, count, params)
-        n_tomb_after = len(old_tomb) + (len(remove_ids) if not backends.can_remove(kind) else 0)
-        compact = kind == "hnsw" and n_tomb_after > COMPACT_TOMBSTONE_RATIO * max(st.index.ntotal, 1)
+        removable = backends.can_remove(kind, m.params)
+        n_tomb_after = len(old_tomb) + (0 if removable else len(remove_ids))
+        compact = not removable and n_tomb_after > COMPACT_TOMBSTONE_RATIO * max(st.index.ntotal, 1)
         generation = st.generation + 1
         staging = store.staging_dir(self.directory, generation)
         old_dir = self.directory / store.gen_name(st.generation)
@@ -640,7 +641,7 @@ class ImageIndex:
                 backends.add(index, all_vecs, all_ids)
                 new_tomb = np.zeros(0, np.int64)
                 faiss.write_index(index, str(staging / store.FAISS_FILE))
-            elif len(ids) == 0 and not backends.can_remove(kind):
+            elif len(ids) == 0 and not removable:
                 index = st.index  # only tombstones change: the FAISS file is shared with the old generation
                 new_tomb = np.union1d(old_tomb, remove_ids)
                 try:
@@ -650,7 +651,7 @@ class ImageIndex:
             else:
                 index = faiss.read_index(str(old_dir / store.FAISS_FILE)) if st.mmap else faiss.clone_index(st.index)
                 if len(remove_ids):
-                    if backends.can_remove(kind):
+                    if removable:
                         backends.remove(index, remove_ids)
                     else:
                         new_tomb = np.union1d(old_tomb, remove_ids)
@@ -680,6 +681,6 @@ class ImageIndex:
         if st.mmap:
             index = _read_faiss(gen_dir / store.FAISS_FILE, True)
         self._state = _Snapshot(
-            generation, manifest, index, MetadataReader(gen_dir / store.DB_FILE), Tombstones(new_tomb), st.mmap
+            generation, manifest, index, MetadataReader(gen_dir / store.DB_FILE), Tombstones(new_tomb, index, target), st.mmap
         )
         store.clean_up(self.directory, generation)

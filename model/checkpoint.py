@@ -98,11 +98,14 @@ def save_checkpoint(
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is missing: not a clipforge checkpoint") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(meta).__name__}")
+    return meta
 
 
 def update_meta(directory: str | Path, **changes: Any) -> dict[str, Any]:

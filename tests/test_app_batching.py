@@ -206,7 +206,7 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
 
     async def main(in_flight: int) -> float:
         with ThreadPoolExecutor(1) as pool:
-            batcher = MicroBatcher("t", lambda items: items, pool, max_batch_size=8, max_wait_ms=400,
+            batcher = MicroBatcher("t", lambda items: items, pool, max_batch_size=8, max_wait_ms=1000,
                                    in_flight=lambda: in_flight)
             batcher.start()
             started = time.perf_counter()
@@ -215,5 +215,5 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
             await batcher.stop()
             return elapsed
 
-    assert asyncio.run(main(in_flight=1)) < 0.2
-    assert asyncio.run(main(in_flight=3)) >= 0.35  # others could still join: it waits for them
+    assert asyncio.run(main(in_flight=1)) < 0.5
+    assert asyncio.run(main(in_flight=3)) >= 0.9  # others could still join: it waits for them

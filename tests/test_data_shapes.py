@@ -99,3 +99,12 @@ def test_generation_is_fast(tmp_path: Path) -> None:
     t = time.perf_counter()
     generate_shapes(tmp_path / "fast", n_train=2000, n_val=0, img_size=32, n_eval=0)
     assert time.perf_counter() - t < 10.0  # ~1000+/s even on a loaded 2-core machine
+
+
+def test_folder_from_another_generator_version_is_refused(tmp_path: Path) -> None:
+    out = generate_shapes(tmp_path / "old", n_train=5, n_val=0, img_size=16, n_eval=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["version"] = 0
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="generator version 0"):
+        parse_data_spec(f"shapes:{out}")

@@ -200,6 +200,8 @@ def test_bad_json_in_each_json_file(copy: Path) -> None:
     _expect(copy, "meta.json is not valid JSON")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_meta(copy)
+    (copy / "meta.json").write_text("[1, 2]")
+    _expect(copy, "meta.json must hold a JSON object, not list")
     (copy / "meta.json").write_text("{}")  # no recorded hash: nothing to verify against
     (copy / "config.json").write_text("{\"img_size\": 32,")
     _expect(copy, "config.json is not valid JSON")

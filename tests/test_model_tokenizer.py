@@ -116,3 +116,11 @@ def test_training_is_deterministic(tok: CLIPTokenizer) -> None:
 def test_too_short_max_length_is_refused() -> None:
     with pytest.raises(ValueError, match="max_length must be at least 3"):
         CLIPTokenizer.train(CAPTIONS, vocab_size=300, max_length=2)
+
+
+def test_nfc_normalisation_makes_composed_and_decomposed_forms_equal(tok: CLIPTokenizer,
+                                                                    raw_tok: CLIPTokenizer) -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert torch.equal(tok.encode(composed), tok.encode(decomposed))
+    assert not torch.equal(raw_tok.encode(composed), raw_tok.encode(decomposed))
+    assert torch.equal(tok.encode("A  RED\tcircle"), tok.encode("a red circle"))

@@ -180,3 +180,59 @@ def test_resume_refuses_changed_data(caption_data: Path, tmp_path: Path) -> None
     changed = build_config(base_config(caption_data, tmp_path / "r", max_steps=1, val_fraction=0.0, batch_size=4))
     with pytest.raises(ClipforgeError, match="batch_size differs"):
         train(changed, resume=True)
+
+
+def _write_shards(root: Path, n_shards: int = 2, per_shard: int = 12) -> str:
+    import io
+    import random
+    import tarfile
+
+    from test_train_support import COLORS, SHAPES, draw
+
+    rng = random.Random(3)
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(root / f"shard-{s:03d}.tar", "w") as tar:
+            for i in range(per_shard):
+                c, sh = rng.choice(list(COLORS)), rng.choice(SHAPES)
+                buf = io.BytesIO()
+                draw(c, sh, rng).save(buf, format="PNG")
+                for name, payload in ((f"{s}_{i:04d}.png", buf.getvalue()), (f"{s}_{i:04d}.txt", f"a {c} {sh}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return f"webdataset:{root}/shard-{{000..{n_shards - 1:03d}}}.tar"
+
+
+def test_streamed_shards_train_for_max_steps(tmp_path: Path) -> None:
+    spec = _write_shards(tmp_path / "shards")
+    with pytest.raises(ClipforgeError, match="set max_steps"):
+        train(build_config(base_config(tmp_path, tmp_path / "nostep", data=spec, val_fraction=0.0)))
+    # 24 samples, batch 8: 3 batches an epoch, so 5 steps cross into a second pass over the stream
+    train(build_config(base_config(tmp_path, tmp_path / "run", data=spec, max_steps=5, log_every=1)))
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+    assert read_meta(tmp_path / "run" / "last")["step"] == 5
+
+
+def test_init_checkpoint_reuses_weights_and_tokenizer(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
+    cfg = build_config(base_config(caption_data, tmp_path / "ft", init_checkpoint=str(tiny_checkpoint), max_steps=1,
+                                   val_fraction=0.0, lr=1e-12, warmup_steps=0, weight_decay=0.0))
+    train(cfg)
+    assert (tmp_path / "ft" / "last" / "tokenizer.json").read_text() == (tiny_checkpoint / "tokenizer.json").read_text()
+    assert_same_weights(tiny_checkpoint, tmp_path / "ft" / "last", atol=1e-6)  # a 1e-12 step barely moves them
+
+
+def test_bf16_autocast_on_cpu_with_accumulation(caption_data: Path, tmp_path: Path) -> None:
+    metrics = train(build_config(base_config(caption_data, tmp_path / "bf16", max_steps=2, precision="bf16",
+                                             accum_steps=2, log_every=1)))
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert len(losses) == 2 and all(0 < l < 10 for l in losses)
+    assert weights_dtype(tmp_path / "bf16" / "last") == {torch.float32}  # master weights stay fp32
+    assert metrics["val_loss"] > 0
+
+
+def weights_dtype(ckpt: Path) -> set:
+    return {t.dtype for t in load_file(str(ckpt / "model.safetensors")).values()}

