@@ -9,9 +9,12 @@ it), open_clip's CLIP of the same widths, depths, heads, image size, patch size,
 length and vocab is timed in the same process, interleaved round by round with ours so a
 shared, noisy machine slows both alike, and the table shows our/their ratios.
 
-Throughput is the best of the timed iterations (the least disturbed by other jobs); the
-JSON also keeps the median and samples per CPU-second of this process. Prints a table and
-writes bench/results/model_bench.json.
+Each figure is the best of the timed iterations (the least disturbed by other jobs), as
+samples per CPU-second of this process (steady on a shared machine; equal to wall-clock
+throughput on an idle one with --threads 1) and as wall-clock samples/s; the JSON keeps
+medians too. Captions are 8-24 tokens padded to the context length, as real batches are
+(our text tower skips the padding columns; --full-captions fills the whole context).
+Prints a table and writes bench/results/model_bench.json (rewritten after every row).
 """
 
 from __future__ import annotations
@@ -49,12 +52,13 @@ def bench_config(preset: str, size: int, mha: bool) -> CLIPConfig:
     return cfg.replace(text_n_kv_heads=cfg.text_n_heads) if mha else cfg
 
 
-def make_batch(cfg: CLIPConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random pixels and captions of 8-24 tokens (typical caption lengths), right-padded to max_seq_len."""
+def make_batch(cfg: CLIPConfig, batch: int, full: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random pixels and captions of 8-24 tokens (typical caption lengths; full: max_seq_len), right-padded."""
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, cfg.channel, cfg.img_size, cfg.img_size, generator=gen)
     ids = torch.full((batch, cfg.max_seq_len), cfg.pad_token_id, dtype=torch.long)
-    lengths = torch.randint(8, min(24, cfg.max_seq_len) + 1, (batch,), generator=gen)
+    low, high = (cfg.max_seq_len, cfg.max_seq_len) if full else (8, min(24, cfg.max_seq_len))
+    lengths = torch.randint(low, high + 1, (batch,), generator=gen)
     for i, n in enumerate(lengths.tolist()):
         ids[i, 0] = cfg.sot_token_id
         ids[i, 1 : n - 1] = torch.randint(3, cfg.vocab_size - 1, (n - 2,), generator=gen)
@@ -183,15 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--mha", action="store_true", help="text tower with kv heads = heads (no GQA), as open_clip")
     parser.add_argument("--no-open-clip", action="store_true", help="time clipforge only")
+    parser.add_argument("--full-captions", action="store_true", help="captions fill the whole context (no padding)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_bench.json")
+    parser.add_argument("--show", type=Path, help="only print the table of a saved JSON result")
     args = parser.parse_args(argv)
+    if args.show:
+        saved = json.loads(args.show.read_text())
+        print(f"{saved['command']}  (torch {saved['torch']}, {saved['threads']} threads, batch {saved['batch']})")
+        for row in saved["rows"]:
+            print(format_row(row, "cpu_ratio" in row))
+        return 0
 
     torch.set_num_threads(args.threads)
     rival = open_clip is not None and not args.no_open_clip
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
           f"open_clip {open_clip.__version__ if rival else 'not measured'}, "
-          f"{args.warmup} warm-up + {args.iters} timed iterations, best of them (wall clock; on a "
-          f"shared machine the CPU-second ratio with --threads 1 is the steadiest comparison)")
+          f"{args.warmup} warm-up + {args.iters} timed iterations, best of them; samples per CPU-second of "
+          f"this process (= wall-clock throughput on an idle machine with --threads 1), then wall clock")
     rows = []
     for preset in args.presets:
         for size in args.sizes:
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             impls: list[Impl] = [Ours(cfg)]
             if rival:
                 impls.append(OpenCLIP(cfg))
-            pixels, ids = make_batch(cfg, args.batch)
+            pixels, ids = make_batch(cfg, args.batch, args.full_captions)
             for dtype in args.dtypes:
                 for op in args.ops:
                     times = measure(impls, op, pixels, ids, dtype, args.warmup, args.iters)
@@ -215,28 +227,38 @@ def main(argv: list[str] | None = None) -> int:
                         row["cpu_ratio"] = row["clipforge_per_cpu_s"] / row["open_clip_per_cpu_s"]
                     rows.append(row)
                     print(format_row(row, rival), flush=True)
+                    write_result(args, rival, rows)  # after every row: a long run interrupted keeps its rows
+    print(f"\nwrote {args.out}")
+    return 0
 
+
+def write_result(args: argparse.Namespace, rival: bool, rows: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "warmup": args.warmup,
-        "iters": args.iters, "mha": args.mha, "open_clip": open_clip.__version__ if rival else None,
+        "iters": args.iters, "mha": args.mha, "full_captions": args.full_captions,
+        "open_clip": open_clip.__version__ if rival else None,
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
-    return 0
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.out)
 
 
 UNITS = {"image": "images/s", "text": "texts/s", "train": "samples/s"}
 
 
 def format_row(row: dict, rival: bool) -> str:
+    """Samples per CPU-second of this process first (steady under load), then best wall-clock."""
     label = f"{row['preset']:6s} {row['img_size']:3d}px/{row['patch_size']:<2d} {row['dtype']:4s} {row['op']:5s}"
-    text = f"{label}  clipforge {row['clipforge_per_s']:9.1f} {UNITS[row['op']]:9s}"
+    unit = UNITS[row["op"]]
+    text = f"{label}  ours {row['clipforge_per_cpu_s']:8.1f}"
     if rival:
-        text += (f"  open_clip {row['open_clip_per_s']:9.1f}  ratio {row['ratio']:5.2f}x"
-                 f"  (per CPU-second {row['cpu_ratio']:5.2f}x)")
+        text += f"  open_clip {row['open_clip_per_cpu_s']:8.1f}  ratio {row['cpu_ratio']:5.2f}x"
+    text += f"  {unit:9s} per CPU-s  |  wall: ours {row['clipforge_per_s']:8.1f}"
+    if rival:
+        text += f"  open_clip {row['open_clip_per_s']:8.1f}  ratio {row['ratio']:5.2f}x"
     return text
 
 

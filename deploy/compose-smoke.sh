@@ -14,7 +14,7 @@
 # at all; any other problem fails. Every step is bounded in time.
 #
 # Environment: VENV (default .venv), CLIPFORGE_SMOKE_DIR (cache: daemon data root, stand-in
-# rootfs; default .cache/compose-smoke), CLIPFORGE_SMOKE_STEPS (bootstrap training steps, 20).
+# rootfs; default .cache/compose-smoke), CLIPFORGE_SMOKE_STEPS (bootstrap training steps, 5).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +26,7 @@ CACHE="${CLIPFORGE_SMOKE_DIR:-$ROOT/.cache/compose-smoke}"
 PROJECT="clipforge-smoke"
 IMAGE="clipforge:smoke"
 BASE_IMAGE="python:3.11-slim"
-export CLIPFORGE_SMOKE_STEPS="${CLIPFORGE_SMOKE_STEPS:-20}"
+export CLIPFORGE_SMOKE_STEPS="${CLIPFORGE_SMOKE_STEPS:-5}"
 
 log() { printf '[compose-smoke %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 skip() { log "SKIP: $*"; exit 0; }
@@ -97,7 +97,7 @@ if [ ! -x "$COMPOSE" ]; then
     COMPOSE="$("$PY" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')"
 fi
 # the package's own wrapper always exits 0, so the bundled binary is called directly
-"$COMPOSE" version >/dev/null || fail "$COMPOSE does not run"
+timeout 60 "$COMPOSE" version >/dev/null || fail "$COMPOSE does not run"
 
 # --------------------------------------------------------------------------- the daemon
 mkdir -p "$CACHE"
@@ -129,7 +129,7 @@ if ! start_dockerd overlay2; then
     log "overlay2 failed: $(tail -n 3 "$RUN_DIR/dockerd-overlay2.log" | tr '\n' ' ')"
     start_dockerd vfs || skip "dockerd cannot start here (overlay2 and vfs both failed): $(tail -n 5 "$RUN_DIR/dockerd-vfs.log" | tr '\n' ' ')"
 fi
-log "daemon up: $(docker version --format 'engine {{.Server.Version}}, API {{.Server.APIVersion}}')"
+log "daemon up: $(timeout 30 docker version --format 'engine {{.Server.Version}}, API {{.Server.APIVersion}}')"
 
 # --------------------------------------------------------------------------- the base image
 build_standin() {
@@ -154,7 +154,7 @@ build_standin() {
         "$tarball" "$BASE_IMAGE" >/dev/null || fail "docker import of the stand-in failed"
 }
 
-if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+if timeout 30 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     log "$BASE_IMAGE is already in this daemon"
 elif timeout 180 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
     log "pulled $BASE_IMAGE"
@@ -179,8 +179,8 @@ log "docker build (from the wheelhouse, no index)"
 SECONDS=0
 DOCKER_BUILDKIT=0 timeout 1800 docker build --network host --tag "$IMAGE" . >"$RUN_DIR/build.log" 2>&1 \
     || { tail -n 40 "$RUN_DIR/build.log"; fail "docker build failed"; }
-log "image built in ${SECONDS}s: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
-[ "$(docker image inspect "$IMAGE" --format '{{.Config.User}}')" = "10001:10001" ] || fail "the image does not run as the non-root user 10001"
+log "image built in ${SECONDS}s: $(timeout 30 docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
+[ "$(timeout 30 docker image inspect "$IMAGE" --format '{{.Config.User}}')" = "10001:10001" ] || fail "the image does not run as the non-root user 10001"
 
 # --------------------------------------------------------------------------- compose up
 PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
@@ -191,7 +191,7 @@ chmod 600 "$ENV_FILE"
 export CLIPFORGE_IMAGE="$IMAGE" CLIPFORGE_SMOKE_PORT="$PORT" CLIPFORGE_SMOKE_ENV_FILE="$ENV_FILE"
 COMPOSE_ARGS=(--project-name "$PROJECT" --file docker-compose.yml --file deploy/compose.smoke.yml)
 
-"$COMPOSE" "${COMPOSE_ARGS[@]}" config --quiet || fail "docker compose config rejects the files"
+timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" config --quiet || fail "docker compose config rejects the files"
 timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" down -v --remove-orphans >/dev/null 2>&1 || true  # leftovers of a killed run
 
 log "docker compose up (bootstrap trains $CLIPFORGE_SMOKE_STEPS steps and builds the index; api on 127.0.0.1:$PORT)"
@@ -201,11 +201,11 @@ timeout 1500 "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wai
     || fail "docker compose up did not reach a healthy api"
 log "api healthy after ${SECONDS}s"
 
-bootstrap_exit="$(docker inspect "$PROJECT-bootstrap-1" --format '{{.State.ExitCode}}')"
+bootstrap_exit="$(timeout 30 docker inspect "$PROJECT-bootstrap-1" --format '{{.State.ExitCode}}')"
 [ "$bootstrap_exit" = 0 ] || fail "bootstrap exited with $bootstrap_exit"
-api_health="$(docker inspect "$PROJECT-api-1" --format '{{.State.Health.Status}}')"
+api_health="$(timeout 30 docker inspect "$PROJECT-api-1" --format '{{.State.Health.Status}}')"
 [ "$api_health" = healthy ] || fail "api health is $api_health"
-networks="$(docker network ls --quiet --filter "label=com.docker.compose.project=$PROJECT")"
+networks="$(timeout 30 docker network ls --quiet --filter "label=com.docker.compose.project=$PROJECT")"
 [ -z "$networks" ] || fail "compose created networks ($networks): every service must use host networking"
 
 # --------------------------------------------------------------------------- the checks
@@ -218,7 +218,7 @@ SECONDS=0
 timeout 900 "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout 600 \
     || fail "docker compose up (second time) did not reach a healthy api"
 log "healthy again after ${SECONDS}s"
-"$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color bootstrap | grep -q "reusing" \
+timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color bootstrap | grep -q "reusing" \
     || fail "the second bootstrap did not reuse the demo model"
 timeout 120 "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --expect-images \
     || fail "the service did not answer as it should after the restart"

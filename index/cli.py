@@ -25,7 +25,7 @@ def _load_clip(checkpoint: str | None, idx: ImageIndex | None, device: str, max_
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "pq_m")
+    keys = ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "pq_m", "refine_k_factor")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -146,7 +146,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info["index_type"] == "hnsw":
         print(f"  HNSW M={p['hnsw_m']} efConstruction={p['ef_construction']} efSearch={p['ef_search']}")
     elif info["index_type"] == "ivfpq":
-        print(f"  IVF-PQ nlist={p['nlist']} nprobe={p['nprobe']} m={p['pq_m']} nbits={p['pq_nbits']}")
+        print(f"  IVF-PQ nlist={p['nlist']} nprobe={p['nprobe']} m={p['pq_m']} nbits={p['pq_nbits']} "
+              f"re-rank factor={p.get('refine_k_factor') or 'off'}")
     if args.verify:
         print(f"  verified: {info['verified']}")
     return 0
@@ -192,6 +193,8 @@ def _add_type_flags(p: argparse.ArgumentParser, with_type_default: bool) -> None
     p.add_argument("--nlist", type=int, help="IVF lists (default 4*sqrt(n))")
     p.add_argument("--nprobe", type=int, help="IVF lists scanned per query (default 32)")
     p.add_argument("--pq-m", type=int, help="PQ sub-quantizers (default dim/8)")
+    p.add_argument("--refine-k-factor", type=int,
+                   help="IVF-PQ: re-rank k*factor candidates with float16 vectors (default 4; 0: codes only)")
 
 
 def _add_embed_flags(p: argparse.ArgumentParser) -> None:

@@ -129,10 +129,12 @@ def _tower_flops(tokens: int, dim: int, layers: int, mlp_ratio: float, kv_frac: 
 def estimate_image_flops(cfg: CLIPConfig) -> float:
     tokens = cfg.n_patches + 1
     patch = 2 * cfg.n_patches * cfg.channel * cfg.patch_size**2 * cfg.img_dim
-    return patch + _tower_flops(tokens, cfg.img_dim, cfg.img_n_layers, cfg.img_mlp_ratio) + 2 * cfg.img_dim * cfg.align_dim
+    tower = _tower_flops(tokens, cfg.img_dim, cfg.img_n_layers, cfg.img_mlp_ratio)
+    return patch + tower + 2 * cfg.img_dim * cfg.align_dim
 
 
 def estimate_text_flops(cfg: CLIPConfig, seq_len: int | None = None) -> float:
     t = seq_len or cfg.max_seq_len
     kv_frac = cfg.text_n_kv_heads / cfg.text_n_heads
-    return _tower_flops(t, cfg.text_dim, cfg.text_n_layers, cfg.text_mlp_ratio, kv_frac) + 2 * cfg.text_dim * cfg.align_dim
+    tower = _tower_flops(t, cfg.text_dim, cfg.text_n_layers, cfg.text_mlp_ratio, kv_frac)
+    return tower + 2 * cfg.text_dim * cfg.align_dim

@@ -36,7 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
         not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
         and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _onednn_linear_works()
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        attr, algorithm = ("gelu", "none") if gelu else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
@@ -111,6 +112,8 @@ class Attention(nn.Module):
         Keys and values still come from all T tokens, so those outputs equal the full
         computation's; the ViT uses it in its last block, where only the CLS token is read.
         """
+        if n_queries is not None and (rope is not None or self.causal):
+            raise ValueError("n_queries is for non-causal attention without rotary positions (the image tower)")
         b, t, c = x.shape
         hd = self.head_dim
         q_rows = self.n_heads * hd
@@ -127,13 +130,9 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         if rope is not None:
-            if n_queries is not None:
-                raise ValueError("n_queries is for the non-rotary (image) tower")
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
         causal = self.causal
-        if causal and n_queries is not None:
-            raise ValueError("n_queries is for non-causal attention")
         p = self.dropout if self.training else 0.0
         if self.is_flash:
             gqa = self.n_kv_heads != self.n_heads

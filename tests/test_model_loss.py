@@ -79,7 +79,7 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_distributed_loss_equals_single_process_loss(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 

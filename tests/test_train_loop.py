@@ -180,6 +180,9 @@ def test_resume_refuses_changed_data(caption_data: Path, tmp_path: Path) -> None
     changed = build_config(base_config(caption_data, tmp_path / "r", max_steps=1, val_fraction=0.0, batch_size=4))
     with pytest.raises(ClipforgeError, match="batch_size differs"):
         train(changed, resume=True)
+    # the CLI resumes from the saved config; a longer schedule may be given on resume
+    assert clipforge_cli.main(["train", "--out", str(tmp_path / "r"), "--resume", "--max-steps", "2"]) == 0
+    assert read_meta(tmp_path / "r" / "last")["step"] == 2
 
 
 def _write_shards(root: Path, n_shards: int = 2, per_shard: int = 12) -> str:

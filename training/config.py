@@ -60,6 +60,8 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
+    threads: int | None = Field(None, gt=0, description="CPU intra-op threads (default: torch's choice; 1 is much "
+                                "faster on a machine shared with other busy processes)")
     deterministic: bool = Field(True, description="deterministic algorithms on CPU")
     # checkpoints and logs
     save_every: int = Field(0, ge=0, description="also save every N steps (0: only at the end of each epoch)")

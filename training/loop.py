@@ -273,12 +273,18 @@ class Trainer:
 
     def run_training(self) -> dict[str, Any]:
         """Train to the end of the schedule (or max_minutes) and return the final metrics."""
-        self._setup()
+        threads = torch.get_num_threads()
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         try:
-            return self._loop()
+            self._setup()
+            try:
+                return self._loop()
+            finally:
+                self.logger.close()
         finally:
-            self.logger.close()
             shutdown_distributed()
+            torch.set_num_threads(threads)
 
     def _loop(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info

@@ -16,10 +16,12 @@ router = APIRouter(prefix="/search", tags=["search"], dependencies=[Depends(requ
 
 
 def _hits(request: Request, found: list[Any]) -> list[SearchHit]:
+    """Results with the URL of GET /images/{id} (behind a proxy prefix too, via root_path)."""
+    prefix = request.scope.get("root_path", "").rstrip("/")
     return [
         SearchHit(
             id=hit.id, score=float(hit.score), path=str(hit.path), caption=hit.caption,
-            width=hit.width, height=hit.height, url=str(request.url_for("get_image", id=str(hit.id)).path),
+            width=hit.width, height=hit.height, url=f"{prefix}/images/{hit.id}",
         )
         for hit in found
     ]
