@@ -39,7 +39,8 @@ def _split_list(value: Any) -> Any:
 class Settings(BaseSettings):
     """Everything `clipforge serve` can be told; each field is also CLIPFORGE_<NAME> in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    # env_ignore_empty: `CLIPFORGE_LABELS_FILE=` in an env file means "not set", not the path "".
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, env_ignore_empty=True)
 
     # what to serve
     checkpoint: Path = Field(description="checkpoint directory written by `clipforge train`")

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import CLIP, CLIPConfig, clip_loss, preset_config  # noqa: E402
+from model import CLIP, CLIPConfig, clip_loss, preset_config
 
 try:  # optional rival, timed only where it is installed
     import open_clip  # type: ignore[import-not-found]

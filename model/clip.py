@@ -30,7 +30,7 @@ class CLIP(nn.Module):
         self.apply(self._init_weights)
         # GPT-2 style: scale residual projections by depth so deep towers start stable.
         for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 n_layers = cfg.img_n_layers if name.startswith("visual") else cfg.text_n_layers
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
 
@@ -85,7 +85,7 @@ class CLIP(nn.Module):
 
     # ------------------------------------------------------------------ utilities
     def num_params(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        count = lambda m: sum(p.numel() for p in m.parameters())
         image = count(self.visual) + self.image_proj.weight.numel()
         text = count(self.text) + self.text_proj.weight.numel()
         return {"image": image, "text": text, "total": count(self)}

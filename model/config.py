@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
@@ -142,7 +142,7 @@ class CLIPConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CLIPConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -154,17 +154,17 @@ class CLIPConfig:
         except TypeError as exc:
             raise ConfigError(str(exc)) from exc
 
-    def replace(self, **changes: Any) -> "CLIPConfig":
+    def replace(self, **changes: Any) -> CLIPConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
 
 def _preset(width: int, heads: int, layers: int, **kw: Any) -> dict[str, Any]:
     """Both towers at one width and depth, as the classic size ladder does."""
-    base = dict(
-        img_dim=width, img_n_heads=heads, img_n_layers=layers,
-        text_dim=width, text_n_heads=heads, text_n_kv_heads=heads, text_n_layers=layers,
-        align_dim=width,
-    )
+    base = {
+        "img_dim": width, "img_n_heads": heads, "img_n_layers": layers,
+        "text_dim": width, "text_n_heads": heads, "text_n_kv_heads": heads, "text_n_layers": layers,
+        "align_dim": width,
+    }
     base.update(kw)
     return base
 
@@ -175,16 +175,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": _preset(384, 6, 8, text_n_kv_heads=3, align_dim=384),
     "base": _preset(512, 8, 12, text_n_kv_heads=4),
     "large": _preset(768, 12, 24, text_n_kv_heads=4, align_dim=768, max_seq_len=77),
-    "thinkclip": dict(
-        img_size=224, patch_size=16, img_dim=384, img_n_heads=6, img_n_layers=12,
-        vocab_size=6400, max_seq_len=64, text_dim=768, text_n_heads=12, text_n_kv_heads=3,
-        text_n_layers=12, align_dim=512,
-    ),
-    "vit-b-16": dict(
-        img_size=224, patch_size=16, img_dim=768, img_n_heads=12, img_n_layers=12,
-        vocab_size=49408, max_seq_len=77, text_dim=512, text_n_heads=8, text_n_kv_heads=8,
-        text_n_layers=8, text_pos="learned", align_dim=512,
-    ),
+    "thinkclip": {
+        "img_size": 224, "patch_size": 16, "img_dim": 384, "img_n_heads": 6, "img_n_layers": 12,
+        "vocab_size": 6400, "max_seq_len": 64, "text_dim": 768, "text_n_heads": 12, "text_n_kv_heads": 3,
+        "text_n_layers": 12, "align_dim": 512,
+    },
+    "vit-b-16": {
+        "img_size": 224, "patch_size": 16, "img_dim": 768, "img_n_heads": 12, "img_n_layers": 12,
+        "vocab_size": 49408, "max_seq_len": 77, "text_dim": 512, "text_n_heads": 8, "text_n_kv_heads": 8,
+        "text_n_layers": 8, "text_pos": "learned", "align_dim": 512,
+    },
     # Small-image variants so CPU training on 32-64 px data is practical.
     "mini-32": _preset(128, 4, 4, img_size=32, patch_size=4, max_seq_len=32, align_dim=128, text_n_kv_heads=2),
     "tiny-32": _preset(256, 4, 6, img_size=32, patch_size=4, max_seq_len=32, align_dim=256, text_n_kv_heads=2),

@@ -12,7 +12,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, ImageTooLargeError
 
-ImageSource = Union[str, Path, bytes, BinaryIO, Image.Image]
+ImageSource = str | Path | bytes | BinaryIO | Image.Image
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; raise for gigapixel scans on purpose
 # We do our own pixel check before decoding, so PIL's own guard would only double-report.
 Image.MAX_IMAGE_PIXELS = None

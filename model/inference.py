@@ -50,7 +50,7 @@ class CLIPInference:
         self.transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> "CLIPInference":
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> CLIPInference:
         model, tokenizer, meta = load_checkpoint(checkpoint, device=device)
         return cls(model, tokenizer, meta, device=device, **kwargs)
 

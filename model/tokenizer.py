@@ -71,7 +71,7 @@ class CLIPTokenizer:
     def train(
         cls, texts: Iterable[str], vocab_size: int = 6400, max_length: int = 64, *, lowercase: bool = True,
         nfc: bool = True, collapse_whitespace: bool = True, min_frequency: int = 2,
-    ) -> "CLIPTokenizer":
+    ) -> CLIPTokenizer:
         tok = Tokenizer(models.BPE())
         norm = _normalizer(lowercase, nfc, collapse_whitespace)
         if norm is not None:
@@ -115,12 +115,12 @@ class CLIPTokenizer:
         Path(path).write_text(self.to_str(), encoding="utf-8")
 
     @classmethod
-    def from_str(cls, text: str) -> "CLIPTokenizer":
+    def from_str(cls, text: str) -> CLIPTokenizer:
         data = json.loads(text)
         extra = data.pop("clipforge", {})
         tok = Tokenizer.from_str(json.dumps(data))
         return cls(tok, int(extra.get("max_length", 64)))
 
     @classmethod
-    def load(cls, path: str | Path) -> "CLIPTokenizer":
+    def load(cls, path: str | Path) -> CLIPTokenizer:
         return cls.from_str(Path(path).read_text(encoding="utf-8"))

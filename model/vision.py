@@ -18,7 +18,7 @@ def interpolate_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     Lets a checkpoint trained at one image size be used at another.
     """
     cls, patches = pos[:, :1], pos[:, 1:]
-    old_grid = int(math.isqrt(patches.shape[1]))
+    old_grid = math.isqrt(patches.shape[1])
     if old_grid * old_grid != patches.shape[1]:
         raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid")
     if old_grid == new_grid:
@@ -53,7 +53,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1)
         pos = self.pos_embed
         if pos.shape[1] != x.shape[1]:  # another image size than trained on
-            pos = interpolate_pos_embed(pos, int(math.isqrt(x.shape[1] - 1)))
+            pos = interpolate_pos_embed(pos, math.isqrt(x.shape[1] - 1))
         x = self.drop(x + pos)
         if self.cfg.img_pool == "cls":
             # Only the CLS token is read, so the last block computes that one query (same result,

@@ -357,3 +357,12 @@ def test_cors_preflight_allows_configured_origins(tiny_checkpoint: Path) -> None
         assert ok.headers.get("access-control-allow-origin") == "http://localhost:3000"
         other = c.options("/search", headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "GET"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_empty_environment_values_mean_unset(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An env file with `CLIPFORGE_LABELS_FILE=` (as in deploy/clipforge.env.example) keeps the defaults."""
+    monkeypatch.setenv("CLIPFORGE_CHECKPOINT", str(tiny_checkpoint))
+    for name in ("CLIPFORGE_LABELS_FILE", "CLIPFORGE_INDEX", "CLIPFORGE_API_KEYS", "CLIPFORGE_CORS_ORIGINS"):
+        monkeypatch.setenv(name, "")
+    s = load_settings()
+    assert s.labels_file is None and s.index is None and s.api_keys == [] and s.cors_origins == []

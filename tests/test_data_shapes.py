@@ -77,6 +77,11 @@ def test_eval_sets_are_clean_single_objects(shapes_dir: Path) -> None:
     assert all(r.captions[0] == f"a {names[r.label]}" for r in records)
     seen, _ = shapes_eval_set(shapes_dir, "seen")
     assert {names[r.label] for r in seen}.isdisjoint(held_out_names())
+    assert {names[r.label] for r in seen} | set(held_out_names()) == set(names)
+    both, _ = shapes_eval_set(shapes_dir, "all")
+    assert len(both) == len(records) + len(seen)
+    with pytest.raises(DataError, match="'heldout', 'seen' or 'all'"):
+        shapes_eval_set(shapes_dir, "train")
     # The object's colour is really in the image: the most common non-background pixel is near it.
     r = records[0]
     arr = np.asarray(Image.open(r.image).convert("RGB")).reshape(-1, 3).astype(int)
@@ -96,9 +101,9 @@ def test_shapes_spec_generates_when_absent(tmp_path: Path) -> None:
 def test_generation_is_fast(tmp_path: Path) -> None:
     import time
 
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time, so a busy shared machine does not fail the test
     generate_shapes(tmp_path / "fast", n_train=2000, n_val=0, img_size=32, n_eval=0)
-    assert time.perf_counter() - t < 10.0  # ~1000+/s even on a loaded 2-core machine
+    assert time.process_time() - t < 10.0  # about 2000 images/s of CPU time on one core
 
 
 def test_folder_from_another_generator_version_is_refused(tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def test_compose_bootstrap_runs_the_demo_once_into_the_shared_volumes() -> None:
     boot = cfg["services"]["bootstrap"]
     assert boot["command"][:2] == ["demo", "--no-serve"]
     assert boot["restart"] == "no"
-    api_volumes = {v["source"] for v in cfg["services"]["api"]["volumes"]}
+    api_volumes = {v["source"] for v in cfg["services"]["api"]["volumes"] if v["type"] == "volume"}
     assert {v["source"] for v in boot["volumes"]} == api_volumes == {"checkpoints", "index", "images"}
 
 
@@ -195,7 +195,10 @@ def test_compose_train_profile_reserves_a_gpu() -> None:
     devices = train["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
     assert train["entrypoint"] == ["clipforge", "train"]
-    assert any(v["target"] == "/var/lib/clipforge/checkpoints" and v["source"] == "checkpoints" for v in train["volumes"])
+    mounts = {v["target"]: v for v in train["volumes"]}
+    assert mounts["/var/lib/clipforge/checkpoints"]["source"] == "checkpoints"
+    assert not mounts["/var/lib/clipforge/checkpoints"].get("read_only")
+    assert mounts["/var/lib/clipforge/datasets"]["type"] == "bind" and mounts["/var/lib/clipforge/datasets"]["read_only"]
 
 
 def test_compose_smoke_override_puts_every_service_on_host_networking() -> None:
@@ -276,7 +279,7 @@ def test_smoke_script_is_bounded_and_cleans_up() -> None:
     assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
     assert os.access(ROOT / "deploy" / "compose-smoke.sh", os.X_OK)
     assert "trap cleanup EXIT" in script
-    steps = re.compile(r'^(DOCKER_BUILDKIT=0 )?(timeout \d+ )?(docker (build|pull|import|run)|debootstrap|apt-get (install|update)'
+    steps = re.compile(r'^(?:t="\$\(limit \d+\)"\s*)?(DOCKER_BUILDKIT=0 )?(timeout (?:\d+|"\$\(limit \d+\)"|"\$t") )?(docker (build|pull|import|run)|debootstrap|apt-get (install|update)'
                        r'|"\$VENV/bin/pip" (wheel|install)|"\$COMPOSE" .* (up|down|stop)\b)')
     found = 0
     for line in script.splitlines():
@@ -285,6 +288,7 @@ def test_smoke_script_is_bounded_and_cleans_up() -> None:
             found += 1
             assert m.group(2), f"unbounded step: {line.strip()}"
     assert found >= 10
+    assert "DEADLINE=" in script, "an overall budget bounds the sum of the steps"
     assert "--iptables=false" in script and "--bridge=none" in script
     result = subprocess.run(["bash", "-n", str(ROOT / "deploy" / "compose-smoke.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

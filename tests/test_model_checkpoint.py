@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import (
-    CLIP, CheckpointError, CLIPTokenizer, content_hash, load_checkpoint, preset_config, read_meta, save_checkpoint,
+    CLIP,
+    CheckpointError,
+    CLIPTokenizer,
+    content_hash,
+    load_checkpoint,
+    preset_config,
+    read_meta,
+    save_checkpoint,
     update_meta,
 )
 from model.errors import ClipforgeError

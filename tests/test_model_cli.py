@@ -76,6 +76,6 @@ def test_errors_are_one_line_with_exit_code_2(capsys: pytest.CaptureFixture, tmp
 
 def test_console_entry_point_runs_in_a_fresh_process() -> None:
     proc = subprocess.run([sys.executable, "-m", "clipforge_cli", "model", "info", "mini-32"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("mini-32: image 32px/4")

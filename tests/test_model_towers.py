@@ -11,8 +11,11 @@ from model.vision import interpolate_pos_embed
 
 
 def _micro(**kw) -> CLIPConfig:
-    base = dict(img_size=16, patch_size=4, img_dim=32, img_n_heads=4, img_n_layers=2, vocab_size=64,
-                max_seq_len=12, text_dim=32, text_n_heads=4, text_n_kv_heads=2, text_n_layers=2, align_dim=16)
+    base = {
+        "img_size": 16, "patch_size": 4, "img_dim": 32, "img_n_heads": 4, "img_n_layers": 2, "vocab_size": 64,
+        "max_seq_len": 12, "text_dim": 32, "text_n_heads": 4, "text_n_kv_heads": 2, "text_n_layers": 2,
+        "align_dim": 16,
+    }
     return CLIPConfig(**{**base, **kw})
 
 

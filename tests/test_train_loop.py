@@ -239,3 +239,17 @@ def test_bf16_autocast_on_cpu_with_accumulation(caption_data: Path, tmp_path: Pa
 
 def weights_dtype(ckpt: Path) -> set:
     return {t.dtype for t in load_file(str(ckpt / "model.safetensors")).values()}
+
+
+def test_vocab_smaller_than_the_tokenizer_is_a_clear_error(caption_data: Path, tmp_path: Path) -> None:
+    from model.errors import ConfigError
+
+    from test_train_support import SMALL
+
+    cfg = build_config(base_config(caption_data, tmp_path / "v", max_steps=1, model={**SMALL, "vocab_size": 256}))
+    with pytest.raises(ConfigError, match=r"has 259 tokens but the model's vocab_size is 256"):
+        train(cfg)
+    # the failed start left no checkpoint, so the same folder can simply be used again
+    fixed = build_config(base_config(caption_data, tmp_path / "v", max_steps=1, val_fraction=0.0))
+    train(fixed)
+    assert read_meta(tmp_path / "v" / "last")["step"] == 1

@@ -11,6 +11,15 @@ from model import CLIP, preset_config
 from training.step import ContrastiveModule, forward_backward
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: far faster on a shared 2-core machine, and restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _setup(dropout: float = 0.0) -> tuple[CLIP, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     cfg = preset_config("mini-32", img_n_layers=2, text_n_layers=2, vocab_size=64,

@@ -23,7 +23,7 @@ def test_tune_two_trials_then_continue(tmp_path: Path, capsys) -> None:
     out = tmp_path / "tune"
     argv = ["tune", "--data", f"csv:{data}", "--out", str(out), "--preset", "mini-32", "--set", "patch_size=8",
             "--set", "vocab_size=512", "--epochs", "2", "--num-workers", "0", "--val-fraction", "0.25",
-            "--no-plots", "--keep-checkpoints", "0", "--space", str(space), "--study", "s1"]
+            "--no-plots", "--keep-checkpoints", "0", "--threads", "1", "--space", str(space), "--study", "s1"]
     assert clipforge_cli.main(argv + ["--trials", "2"]) == 0
     best = json.loads((out / "best_params.json").read_text())
     assert best["metric"] == "recall_mean" and best["n_trials"] == 2

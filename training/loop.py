@@ -29,7 +29,7 @@ from model.errors import ClipforgeError, ConfigError
 from .config import TrainConfig, load_saved_config
 from .distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from .evaluate import evaluate, zeroshot_only
-from .logs import Progress, RunLogger, truncate_metrics
+from .logs import METRICS_FILE, Progress, RunLogger, truncate_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .run_data import RunData, make_train_loader, resolve_data, steps_per_epoch
 from .run_state import (
@@ -132,8 +132,10 @@ class Trainer:
                         f"--resume: {key} differs from the run's saved config ({getattr(saved, key)!r} vs "
                         f"{getattr(self.cfg, key)!r}); resume with the same settings"
                     )
-        elif (self.out / "last").exists() or (self.out / "train_config.json").exists():
+        elif (self.out / "last").exists() or find_resumable(self.out / "last") is not None:
             raise ClipforgeError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        else:  # a folder whose run never reached a checkpoint starts over
+            (self.out / METRICS_FILE).unlink(missing_ok=True)
         self.cfg.save(self.out)
 
     def _build_model(self) -> tuple[CLIP, CLIPTokenizer]:
@@ -152,6 +154,11 @@ class Trainer:
         barrier(self.info)
         if not self.info.is_main:
             tokenizer = CLIPTokenizer.load(tok_path)
+        if tokenizer.vocab_size > mcfg.vocab_size:
+            raise ConfigError(
+                f"the tokenizer trained on the captions has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{mcfg.vocab_size} (byte-level BPE needs at least 259); raise it, e.g. --set vocab_size=512"
+            )
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every rerun
         model = CLIP(mcfg)
         model.train()
