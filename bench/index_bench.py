@@ -41,13 +41,20 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarray:
+def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000, intrinsic: int = 0) -> np.ndarray:
+    """Random unit vectors; intrinsic > 0 puts them near an `intrinsic`-dim subspace, closer to real embeddings."""
     out = np.empty((n, dim), dtype=np.float32)
     rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(12345).standard_normal((intrinsic, dim), dtype=np.float32) if intrinsic else None
     for start in range(0, n, chunk):
-        block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
+        m = min(chunk, n - start)
+        if basis is None:
+            block = rng.standard_normal((m, dim), dtype=np.float32)
+        else:
+            block = rng.standard_normal((m, intrinsic), dtype=np.float32) @ basis
+            block += 0.1 * np.sqrt(intrinsic) * rng.standard_normal((m, dim), dtype=np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start : start + len(block)] = block
+        out[start : start + m] = block
     return out
 
 
@@ -75,9 +82,10 @@ def recall_at_10(index: faiss.Index, kind: str, params: dict, queries: np.ndarra
 def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
     rows: list[dict] = []
     for n in args.sizes:
-        print(f"\n== {n:,} x {args.dim} random unit vectors ==", flush=True)
-        xb = unit_vectors(n, args.dim, seed=1)
-        xq = unit_vectors(args.queries, args.dim, seed=2)
+        kind_of_data = f"near a {args.intrinsic_dim}-d subspace" if args.intrinsic_dim else "isotropic"
+        print(f"\n== {n:,} x {args.dim} random unit vectors, {kind_of_data} ==", flush=True)
+        xb = unit_vectors(n, args.dim, seed=1, intrinsic=args.intrinsic_dim)
+        xq = unit_vectors(args.queries, args.dim, seed=2, intrinsic=args.intrinsic_dim)
         ids = np.arange(n, dtype=np.int64)
         truth = None
         for kind in args.types:
@@ -114,7 +122,7 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                 p50_1, p99_1 = time_queries(index, kind, query_params, xq, 1, runs1, **knobs)
                 p50_64, p99_64 = time_queries(index, kind, query_params, xq, 64, args.batch_runs, **knobs)
                 row = {
-                    "n": n, "dim": args.dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
+                    "n": n, "dim": args.dim, "intrinsic_dim": args.intrinsic_dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
                     "rss_mib": round(mem, 1), "index_mib": round(size_mb, 1), "knob": knob_name, "value": value,
                     "refine_k_factor": factor,
                     "recall@10": round(rec, 4), "p50_ms_b1": round(p50_1, 3), "p99_ms_b1": round(p99_1, 3),
@@ -175,6 +183,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--intrinsic-dim", type=int, default=0,
+                        help="0: isotropic random vectors (hardest case); e.g. 32: low intrinsic dimension like real embeddings")
     parser.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivfpq"], choices=backends.INDEX_TYPES)
     parser.add_argument("--queries", type=int, default=1000, help="query vectors (recall is averaged over all)")
     parser.add_argument("--single-runs", type=int, default=300, help="timed batch-1 queries")

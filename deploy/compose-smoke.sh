@@ -83,11 +83,11 @@ trap 'exit 130' INT TERM
 
 # --------------------------------------------------------------------------- prerequisites
 [ "$(uname -s)" = Linux ] || skip "Docker engines run on Linux only; this is $(uname -s)"
+[ "$(id -u)" = 0 ] || skip "starting a private dockerd needs root (running as uid $(id -u))"
 [ -x "$PY" ] || fail "no Python at $PY: run 'make install' first (or set VENV)"
 
 apt_install() {  # apt_install PACKAGE...: Debian packages, bounded in time
     command -v apt-get >/dev/null 2>&1 || return 1
-    [ "$(id -u)" = 0 ] || return 1
     export DEBIAN_FRONTEND=noninteractive
     timeout "$(limit 600)" apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 && return 0
     timeout "$(limit 300)" apt-get update -qq >/dev/null 2>&1 || true
@@ -95,11 +95,9 @@ apt_install() {  # apt_install PACKAGE...: Debian packages, bounded in time
 }
 
 if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
-    [ "$(id -u)" = 0 ] || skip "no Docker engine installed, and installing one needs root"
     log "installing Debian's docker.io"
     apt_install docker.io || skip "no Docker engine installed and Debian's docker.io could not be installed"
 fi
-[ "$(id -u)" = 0 ] || skip "starting a private dockerd needs root (running as uid $(id -u))"
 
 COMPOSE="$("$PY" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' 2>/dev/null || true)"
 if [ ! -x "$COMPOSE" ]; then
@@ -200,7 +198,9 @@ API_KEY="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
 ENV_FILE="$RUN_DIR/clipforge.env"
 printf 'CLIPFORGE_API_KEYS=%s\nCLIPFORGE_LOG_LEVEL=info\n' "$API_KEY" >"$ENV_FILE"
 chmod 600 "$ENV_FILE"
-export CLIPFORGE_IMAGE="$IMAGE" CLIPFORGE_SMOKE_PORT="$PORT" CLIPFORGE_SMOKE_ENV_FILE="$ENV_FILE"
+mkdir -p "$RUN_DIR/datasets"  # the api's read-only data-set mount; keeps ./data out of the checkout
+export CLIPFORGE_IMAGE="$IMAGE" CLIPFORGE_SMOKE_PORT="$PORT" CLIPFORGE_SMOKE_ENV_FILE="$ENV_FILE" \
+    CLIPFORGE_DATASETS="$RUN_DIR/datasets"
 COMPOSE_ARGS=(--project-name "$PROJECT" --file docker-compose.yml --file deploy/compose.smoke.yml)
 
 timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" config --quiet || fail "docker compose config rejects the files"

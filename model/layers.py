@@ -58,17 +58,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     The rotation makes q.k depend only on the distance between positions.
     """
     t = x.shape[-2]
-    cos = cos[:t].to(x.dtype)
-    sin = sin[:t].to(x.dtype)
+    return rotate(x, cos[:t], sin[:t])
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary rotation itself, with cos/sin already broadcastable to x[..., :d/2]."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 # --------------------------------------------------------------------------- attention
 def math_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain softmax(QK^T/sqrt(d))V, the reference for the fused kernels (is_flash=False)."""
+    """Plain softmax(QK^T/sqrt(d))V, the reference for the fused kernels (is_flash=False).
+
+    mask: optional boolean (..., Tq, Tk), True where a query may attend.
+    """
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
@@ -76,7 +84,9 @@ def math_attention(
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if causal:
         t = q.shape[-2]
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        causal_mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal_mask, float("-inf"))
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     if dropout_p > 0.0:
@@ -144,6 +154,39 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(b, tq, c)
         return self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
 
+    def attend_at(
+        self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Causal attention output at one position per row: (B, T, C), (B,) -> (B, 1, C).
+
+        Equals forward(x, rope)[arange(B), pos] without computing the other queries; the
+        text tower uses it in its last block, where only the end-of-text position is read.
+        """
+        b, t, c = x.shape
+        hd = self.head_dim
+        q_rows = self.n_heads * hd
+        rows = torch.arange(b, device=x.device)
+        w, bias = self.qkv.weight, self.qkv.bias
+        q = linear(x[rows, pos].unsqueeze(1), w[:q_rows], bias[:q_rows])
+        k, v = linear(x, w[q_rows:], bias[q_rows:]).chunk(2, dim=-1)
+        q = q.view(b, 1, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = rotate(q, cos[pos].view(b, 1, 1, -1), sin[pos].view(b, 1, 1, -1))
+            k = apply_rope(k, cos, sin)
+        # The query at pos sees keys 0..pos (the causal mask, for one row each).
+        mask = (torch.arange(t, device=x.device) <= pos.unsqueeze(1)).view(b, 1, 1, t)
+        p = self.dropout if self.training else 0.0
+        if self.is_flash:
+            gqa = self.n_kv_heads != self.n_heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+        else:
+            y = math_attention(q, k, v, False, p, mask)
+        y = y.transpose(1, 2).reshape(b, 1, c)
+        return self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
+
 
 # --------------------------------------------------------------------------- MLP and block
 class MLP(nn.Module):
@@ -182,3 +225,11 @@ class Block(nn.Module):
             x = x[:, :n_queries]
         x = x + self.attn(h, rope, n_queries)
         return x + self.mlp(self.norm2(x))
+
+    def forward_at(
+        self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, T, C) -> (B, C): the causal block's output at position pos[b] of each row only."""
+        x_at = x[torch.arange(x.shape[0], device=x.device), pos].unsqueeze(1)
+        x_at = x_at + self.attn.attend_at(self.norm1(x), pos, rope)
+        return (x_at + self.mlp(self.norm2(x_at)))[:, 0]

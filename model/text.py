@@ -40,11 +40,7 @@ class TextTransformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, text_dim) final-norm hidden state at every position.
-
-        Position t depends on tokens 0..t only (causal), which the tests check directly.
-        """
+    def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         if ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_embed(ids)
@@ -53,7 +49,14 @@ class TextTransformer(nn.Module):
             x = x + self.pos_embed[:, : ids.shape[1]]
         else:
             rope = (self.rope_cos, self.rope_sin)
-        x = self.drop(x)
+        return self.drop(x), rope
+
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, text_dim) final-norm hidden state at every position.
+
+        Position t depends on tokens 0..t only (causal), which the tests check directly.
+        """
+        x, rope = self._embed(ids)
         for block in self.blocks:
             x = block(x, rope)
         return self.norm(x)
@@ -63,12 +66,13 @@ class TextTransformer(nn.Module):
 
         Right padding plus the causal mask means no real token (EOT included) ever attends
         to a pad, so padding needs no extra mask and the result is independent of pad length.
+        Equals hidden_states(ids)[b, eot_b] but cheaper: columns after the longest caption are
+        dropped, and the last block computes only the EOT positions.
         """
-        if ids.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         pos = eot_positions(ids, self.cfg.eot_token_id, self.cfg.pad_token_id)
         if not ids.is_meta:  # meta tensors (shape checks of big presets) carry no values to trim by
-            # Trim columns after the longest sequence: they cannot influence any EOT position.
             ids = ids[:, : int(pos.max()) + 1]
-        x = self.hidden_states(ids)
-        return x[torch.arange(x.shape[0], device=x.device), pos]
+        x, rope = self._embed(ids)
+        for block in self.blocks[:-1]:
+            x = block(x, rope)
+        return self.norm(self.blocks[-1].forward_at(x, pos, rope))

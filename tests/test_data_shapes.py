@@ -64,6 +64,10 @@ def test_held_out_combinations_never_in_training(shapes_dir: Path) -> None:
         text = " | ".join(c for it in items for c in it["caption"])
         for name in held:
             assert name not in text, f"{name} leaked into {split}"
+    # Extra colours appear with every shape, so colour alone never tells the shape.
+    singles = [c[0] for it in json.loads((shapes_dir / "train.json").read_text()) for c in [it["caption"]]
+               if it.get("shape")]
+    assert {s for s in singles if s.startswith("a pink ")} == {f"a pink {shape}" for shape in SHAPES}
     train = load_records(parse_data_spec(str(shapes_dir)))
     assert any(r.label is None for r in train.records)  # two-object scenes
     assert any("left of" in c or "above" in c for r in train.records for c in r.captions)

@@ -32,7 +32,7 @@ _spec.loader.exec_module(smoke_client)
 
 
 def _clipforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipforge_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clipforge_cli", *args], check=False, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=ENV)
 
 

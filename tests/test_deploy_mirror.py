@@ -60,7 +60,7 @@ def test_third_party_repositories_and_disabled_stanzas_are_skipped(tmp_path: Pat
     apt = _apt(tmp_path, parts={
         "a-vendor.list": f"deb {THIRD_PARTY} cloud-sdk-bookworm main\ndeb {THIRD_PARTY} bookworm-pgdg main\n",
         "b-vendor.sources": f"Types: deb\nURIs: {THIRD_PARTY}\nSuites: nodistro\nComponents: main\n",
-        "c-off.sources": f"Types: deb\nEnabled: no\nURIs: http://off.example/debian\nSuites: bookworm\nComponents: main\n",
+        "c-off.sources": "Types: deb\nEnabled: no\nURIs: http://off.example/debian\nSuites: bookworm\nComponents: main\n",
         "d-docker.list": f"deb {THIRD_PARTY}/debian bookworm stable\n",
         "e-debian.sources": f"Types: deb\nURIs: {MIRROR}\nSuites: bookworm\nComponents: main\n",
         "ignored.list.disabled": "deb http://disabled.example/debian bookworm main\n",
@@ -72,7 +72,7 @@ def test_no_debian_archive_is_a_clear_error(tmp_path: Path) -> None:
     apt = _apt(tmp_path, sources_list=f"deb {THIRD_PARTY} nodistro main\n")
     with pytest.raises(debian_mirror.MirrorNotFound, match="no Debian main archive"):
         debian_mirror.debian_mirror(apt)
-    result = subprocess.run([sys.executable, str(SCRIPT), str(apt)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(apt)], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stdout == ""
     assert "no Debian main archive" in result.stderr and "Traceback" not in result.stderr
@@ -80,6 +80,6 @@ def test_no_debian_archive_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_command_line_prints_the_mirror(tmp_path: Path) -> None:
     apt = _apt(tmp_path, sources_list=f"deb {MIRROR} bookworm main\n")
-    result = subprocess.run([sys.executable, str(SCRIPT), str(apt)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(apt)], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == MIRROR

@@ -149,3 +149,20 @@ def test_cls_only_last_block_equals_the_full_computation(grad: bool) -> None:
         # A block asked for the first n queries returns exactly those rows of its full output.
         h = torch.randn(2, 10, 32)
         assert torch.allclose(vit.blocks[0](h, n_queries=3), vit.blocks[0](h)[:, :3], atol=1e-5)
+
+
+@pytest.mark.parametrize("text_pos", ["rope", "learned"])
+@pytest.mark.parametrize("is_flash", [True, False])
+def test_eot_only_last_block_equals_the_full_block(text_pos: str, is_flash: bool) -> None:
+    torch.manual_seed(5)
+    model = CLIP(_micro(text_pos=text_pos, is_flash=is_flash)).train()  # dropout 0: train == eval numerics
+    block = model.text.blocks[-1]
+    x = torch.randn(4, 9, 32, requires_grad=True)
+    pos = torch.tensor([0, 8, 3, 5])
+    rope = (model.text.rope_cos, model.text.rope_sin) if text_pos == "rope" else None
+    full = block(x, rope)[torch.arange(4), pos]
+    at = block.forward_at(x, pos, rope)
+    assert torch.allclose(at, full, atol=1e-5)
+    (g_full,) = torch.autograd.grad(full.sum(), x)
+    (g_at,) = torch.autograd.grad(at.sum(), x)
+    assert torch.allclose(g_at, g_full, atol=1e-5)
