@@ -34,8 +34,18 @@ RUN if compgen -G "/wheels/*.whl" > /dev/null; then \
         pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
     fi
 
+# Then the other dependencies, from pyproject.toml alone: editing the sources keeps this layer.
 WORKDIR /src
-COPY pyproject.toml README.md clipforge_cli.py ./
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && if compgen -G "/wheels/*.whl" > /dev/null; then \
+        pip install --no-cache-dir --no-index --find-links /wheels -r /tmp/requirements.txt; \
+    else \
+        pip install --no-cache-dir -r /tmp/requirements.txt; \
+    fi
+
+COPY README.md clipforge_cli.py ./
 COPY model/ model/
 COPY training/ training/
 COPY index/ index/

@@ -281,6 +281,8 @@ class Trainer:
     def run_training(self) -> dict[str, Any]:
         """Train to the end of the schedule (or max_minutes) and return the final metrics."""
         threads = torch.get_num_threads()
+        deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         try:
@@ -291,7 +293,8 @@ class Trainer:
                 self.logger.close()
         finally:
             shutdown_distributed()
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # leave the process as we found it (tests, notebooks, tune trials)
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
     def _loop(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
