@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--ops", nargs="+", default=["image", "text", "train"], choices=["image", "text", "train"])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)  # training steps settle after ~2 (optimizer state, allocator)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--mha", action="store_true", help="text tower with kv heads = heads (no GQA), as open_clip")
