@@ -55,7 +55,8 @@ class TrainConfig(BaseModel):
     beta2: float = Field(0.98, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-6, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm (0 disables)")
-    max_minutes: float | None = Field(None, gt=0.0, description="stop cleanly after this wall time (schedule unchanged)")
+    max_minutes: float | None = Field(None, gt=0.0, description="wall-clock budget: the cosine decay also follows the "
+                                      "elapsed share of it, and training stops at its end (not reproducible step for step)")
     # hardware
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")

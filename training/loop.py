@@ -116,6 +116,7 @@ class Trainer:
         self.best_value: float | None = None
         self.n_bad = self.n_seen = 0
         self.last_metrics: dict[str, Any] = {}
+        self.elapsed_before, self.start_time = 0.0, time.monotonic()
         if self.resume_dir is not None:
             self._restore()
         self.logger = RunLogger(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard)
@@ -175,6 +176,7 @@ class Trainer:
         self.best_value = info.get("best_value")
         self.n_bad, self.n_seen = int(info.get("n_bad", 0)), int(info.get("n_seen", 0))
         self.last_metrics = info.get("last_metrics", {})
+        self.elapsed_before = float(info.get("elapsed_s", 0.0))
         if self.info.is_main:
             truncate_metrics(self.out, self.step)
 
@@ -190,7 +192,8 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "best_value": self.best_value, "best_metric": self.best_name, "n_bad": self.n_bad,
-                "n_seen": self.n_seen, "last_metrics": self.last_metrics, "total_steps": self.total_steps}
+                "n_seen": self.n_seen, "last_metrics": self.last_metrics, "total_steps": self.total_steps,
+                "elapsed_s": self._elapsed()}
 
     def _save(self, name: str, with_state: bool = True) -> None:
         if not self.info.is_main:
@@ -259,7 +262,8 @@ class Trainer:
 
     def _train_step(self, batch: dict) -> dict[str, float]:
         cfg = self.cfg
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+        time_fraction = self._elapsed() / (cfg.max_minutes * 60) if cfg.max_minutes else None
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr, time_fraction)
         set_lr(self.optimizer, lr)
         pixels, ids = self._batch_to_device(batch)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
@@ -321,7 +325,7 @@ class Trainer:
                     break
                 stats = self._one_step(batch)
                 epoch_end = spe is not None and self.batch_in_epoch >= spe
-                timed_out = cfg.max_minutes is not None and time.monotonic() - self.start_time > cfg.max_minutes * 60
+                timed_out = cfg.max_minutes is not None and self._elapsed() >= cfg.max_minutes * 60
                 finished = self.step >= self.total_steps or timed_out
                 progress.update(1, loss=stats["loss"], lr=stats["lr"], temp=stats["temperature"],
                                 sps=self.window[1] / max(1e-9, time.monotonic() - self.window[0]))
@@ -356,6 +360,10 @@ class Trainer:
         barrier(info)
         return self.last_metrics
 
+    def _elapsed(self) -> float:
+        """Training wall time of the run so far, including the parts before a resume."""
+        return self.elapsed_before + time.monotonic() - self.start_time
+
     def _one_step(self, batch: dict) -> dict[str, float]:
         self.n_bad += batch["n_bad"]
         self.n_seen += batch["n_bad"] + len(batch["captions"])
@@ -370,7 +378,7 @@ class Trainer:
         start, samples, steps = self.window
         dt = max(1e-9, time.monotonic() - start)
         rec = {**stats, "epoch": self.epoch, "steps_per_s": steps / dt, "samples_per_s": samples / dt,
-               "elapsed_s": time.monotonic() - self.start_time}
+               "elapsed_s": self._elapsed()}
         pflops = peak_flops(self.device)
         if pflops:
             rec["mfu"] = self.model.estimate_mfu(rec["samples_per_s"], pflops)

@@ -22,15 +22,22 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float = 0.0,
+    time_fraction: float | None = None,
+) -> float:
     """Linear warmup from peak/warmup to peak over warmup_steps, then cosine down to min_lr at total_steps.
 
     `step` counts optimiser steps already taken (the lr used for step 0 is the first warmup value).
+    With a wall-clock budget, time_fraction (elapsed / budget) moves the cosine along too,
+    whichever of steps and time is further ahead, so a timed run still ends fully decayed.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if time_fraction is not None:
+        progress = min(1.0, max(progress, time_fraction))
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
