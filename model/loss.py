@@ -7,15 +7,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, features.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size(), dim=0)[dist.get_rank()]
+
+
 def gather_features(features: torch.Tensor) -> torch.Tensor:
     """All ranks' features concatenated in rank order, with gradients flowing back to each rank."""
-    from torch.distributed.nn.functional import all_gather
-
     sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device))
     if len({int(s) for s in sizes}) != 1:
         raise ValueError("every rank must contribute the same local batch size (use drop_last)")
-    return torch.cat(all_gather(features), dim=0)
+    return _AllGatherWithGrad.apply(features)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,7 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
             clip_loss(img[: 1 + rank], txt[: 1 + rank], scale)
         except ValueError as exc:
             (Path(out_dir) / f"rank{rank}.err").write_text(str(exc))
+        dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -253,3 +253,15 @@ def test_vocab_smaller_than_the_tokenizer_is_a_clear_error(caption_data: Path, t
     fixed = build_config(base_config(caption_data, tmp_path / "v", max_steps=1, val_fraction=0.0))
     train(fixed)
     assert read_meta(tmp_path / "v" / "last")["step"] == 1
+
+
+def test_wall_clock_budget_stops_and_decays(caption_data: Path, tmp_path: Path) -> None:
+    cfg = build_config(base_config(caption_data, tmp_path / "t", epochs=500, max_minutes=0.03, log_every=1,
+                                   warmup_steps=1))
+    metrics = train(cfg)
+    records = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert 1 <= len(train_recs) < 500 * 4  # stopped by the clock, long before the epochs ran out
+    assert train_recs[-1]["elapsed_s"] >= 0.03 * 60
+    assert train_recs[-1]["lr"] < cfg.lr  # the cosine moved with the clock
+    assert "val_loss" in metrics and read_meta(tmp_path / "t" / "last")["step"] == train_recs[-1]["step"]

@@ -62,3 +62,12 @@ def test_schedule_warmup_then_cosine() -> None:
 def test_schedule_without_warmup() -> None:
     assert lr_at(0, 10, 1.0, 0) == pytest.approx(1.0)
     assert lr_at(5, 10, 1.0, 0) == pytest.approx(0.5)
+
+
+def test_schedule_follows_a_wall_clock_budget() -> None:
+    # 10% of the steps but 50% of the time: the cosine is halfway down
+    assert lr_at(20, 210, 1.0, 10, time_fraction=0.5) == pytest.approx(0.5)
+    # steps ahead of time: steps decide
+    assert lr_at(110, 210, 1.0, 10, time_fraction=0.1) == pytest.approx(0.5)
+    assert lr_at(20, 210, 1.0, 10, time_fraction=1.7) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(3, 210, 1.0, 10, time_fraction=0.9) == pytest.approx(0.4)  # warmup is by steps
