@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,6 +53,14 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
 
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            # Every rank arrives before gloo is torn down: a rank that leaves first makes the
+            # others' gloo threads abort ("terminate called without an active exception").
+            # Bounded, so a rank that died cannot hang the rest.
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            except Exception:  # noqa: BLE001 - a dead peer; tear down anyway
+                pass
         dist.destroy_process_group()
 
 
