@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean compose-smoke
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model_bench.py
+
+# The Docker image and the compose deployment, end to end (SKIP with a reason where no engine can run).
+compose-smoke: $(STAMP)
+	VENV=$(VENV) bash deploy/compose-smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
