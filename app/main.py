@@ -58,18 +58,9 @@ def _preset_name(clip: CLIPInference) -> str:
 
 
 def _search_batch(index: Any) -> Any:
-    """One index search for a batch of queries: the largest k, then each query's own k and min_score.
-
-    FAISS picks its flat-search kernel by a process-wide threshold on the number of queries.
-    Measured on the quiet 2-core dev machine (100k x 512 flat, 1 thread): one query takes
-    17 ms by the per-query scan and 32 ms through BLAS; 16 queries 258 ms by the scan and
-    41 ms through BLAS. All searches run in this one batcher thread, so it sets the
-    threshold for each batch: the scan for a single query, BLAS for two or more.
-    """
-    import faiss
+    """One index search for a batch of queries: the largest k, then each query's own k and min_score."""
 
     def run(items: Sequence[tuple[np.ndarray, int, float | None]]) -> list[list[Any]]:
-        faiss.cvar.distance_compute_blas_threshold = 2 if len(items) > 1 else 1 << 30
         vectors = np.ascontiguousarray(np.stack([vec for vec, _, _ in items]), dtype=np.float32)
         k_max = max(k for _, k, _ in items)
         found = index.search_by_vector(vectors, k_max)

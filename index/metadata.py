@@ -7,13 +7,14 @@ generation, so a reader can never observe a half-applied change.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .store import fsync_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -138,11 +139,7 @@ class MetadataWriter:
         """Commit, close and fsync the file."""
         self._conn.commit()
         self._conn.close()
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.path)
 
     def abort(self) -> None:
         try:

@@ -54,6 +54,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish_directory(staged: Path, directory: Path) -> None:
+    """Make a complete staged directory visible as `directory`, replacing any old one.
+
+    Two renames, the old copy deleted only afterwards, so a kill at any moment leaves the old
+    or the new directory (a kill between the renames leaves the old one as `.NAME.old-*`).
+    The staged folder came from mkdtemp, which makes it private: it gets the mode of an
+    ordinary folder first.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o777 & ~umask)
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.rename(directory, old)
+        os.rename(staged, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staged, directory)
+    _fsync_dir(directory.parent)
+
+
 def save_checkpoint(
     directory: str | Path, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any] | None = None
 ) -> str:
@@ -81,14 +102,7 @@ def save_checkpoint(
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-        _fsync_dir(directory.parent)
+        publish_directory(tmp, directory)
         return digest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import CLIP, CLIPTokenizer, save_checkpoint
+from model.checkpoint import publish_directory
 from model.errors import CheckpointError
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -88,23 +88,6 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict[str, Any]) 
 
 
 # --------------------------------------------------------------------------- publish / load
-def _swap_in(staged: Path, directory: Path) -> None:
-    """Replace directory by staged with two renames; the old copy is deleted only afterwards."""
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{time.time_ns()}"
-        os.rename(directory, old)
-        os.rename(staged, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staged, directory)
-    try:
-        fd = os.open(directory.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
 def save_training_checkpoint(
     directory: str | Path, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
@@ -127,10 +110,7 @@ def save_training_checkpoint(
             for name in (STATE_TENSORS, STATE_JSON):
                 with open(inner / name, "rb") as fh:
                     os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(inner, 0o777 & ~umask)  # mkdtemp made it private; a checkpoint is shared like any folder
-        _swap_in(inner, directory)
+        publish_directory(inner, directory)
         return digest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
