@@ -78,9 +78,20 @@ def test_every_endpoint(live) -> None:
         assert 'route="/search"' in metrics and "clipforge_batch_size_bucket" in metrics
         r = c.get("/healthz", headers={"X-Request-ID": "e2e-trace-42"})
         assert r.headers["x-request-id"] == "e2e-trace-42"
-    logged = [json.loads(line) for line in live.log.read_text().splitlines() if line.startswith("{")]
-    assert any(e.get("request_id") == "e2e-trace-42" and e.get("route") == "/healthz" for e in logged)
+    # The access line is written after the response is sent, so the client can be ahead of the log.
+    assert _wait_for_log(live.log, lambda e: e.get("request_id") == "e2e-trace-42" and e.get("route") == "/healthz")
     assert API_KEY not in live.log.read_text()
+
+
+def _wait_for_log(log: Path, match, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        if any(match(e) for e in entries):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 LABELS_10K = [f"label {i}" for i in range(10_000)]
