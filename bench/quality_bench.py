@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -38,6 +40,7 @@ SHARED = ROOT.parent / "shared" / "data"
 CACHE = ROOT / ".cache" / "bench"
 RESULTS = ROOT / "bench" / "results"
 THREADS: int | None = None  # --threads
+OPEN_CLIP_PYTHON: str | None = None  # --open-clip-python
 
 # Settings found by short sweeps on the 2-core dev machine (see the report for the runs).
 # Shapes: 64 px with 8 px patches. At 32 px / 8 px patches colours were perfect but shapes
@@ -113,6 +116,7 @@ def extract_cifar() -> Path:
 def task_cifar10(minutes: float) -> dict[str, Any]:
     root = extract_cifar()
     out = CACHE / "runs" / "cifar10"
+    rival = _start_open_clip(root, minutes)
     values = _base(out, preset="mini-32", model=CIFAR_MODEL, data=f"imagefolder:{root / 'train'}",
                    val_fraction=0.02, max_val_samples=1000, batch_size=128, lr=2e-3, warmup_steps=100,
                    weight_decay=0.1, hflip=True)
@@ -120,14 +124,31 @@ def task_cifar10(minutes: float) -> dict[str, Any]:
     t0 = time.monotonic()
     test = evaluate_checkpoint(out / "last", f"imagefolder:{root / 'test'}", num_workers=1, batch_size=500)
     run.update(test_top1=test["zeroshot_top1"], test_top5=test["zeroshot_top5"], test_images=test["n_images"],
-               eval_s=round(time.monotonic() - t0, 1), goal="test_top1 >= 0.65 (open_clip reference ~0.55)")
-    try:
-        import open_clip  # noqa: F401
-
-        run["open_clip"] = "importable, but the side-by-side run is not implemented in this bench"
-    except ImportError:
-        run["open_clip"] = "not importable here: side-by-side run skipped"
+               eval_s=round(time.monotonic() - t0, 1), goal="test_top1 >= 0.65 and ahead of open_clip")
+    run["open_clip"] = _finish_open_clip(rival)
     return run
+
+
+def _start_open_clip(root: Path, minutes: float) -> tuple[subprocess.Popen, Path] | None:
+    """Start bench/openclip_cifar.py beside our run (same data, budget, schedule, thread count)."""
+    if not OPEN_CLIP_PYTHON:
+        return None
+    out = RESULTS / "openclip-cifar10.json"
+    out.unlink(missing_ok=True)
+    cmd = [OPEN_CLIP_PYTHON, str(ROOT / "bench" / "openclip_cifar.py"), "--train", str(root / "train"),
+           "--test", str(root / "test"), "--minutes", str(minutes), "--threads", str(THREADS or 1),
+           "--batch-size", "128", "--lr", "2e-3", "--warmup-steps", "100", "--weight-decay", "0.1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS or 1)}
+    return subprocess.Popen(cmd, env=env), out
+
+
+def _finish_open_clip(rival: tuple[subprocess.Popen, Path] | None) -> dict[str, Any] | str:
+    if rival is None:
+        return "not run: give --open-clip-python (an interpreter with open_clip) for the side-by-side run"
+    proc, out = rival
+    if proc.wait() != 0 or not out.is_file():
+        return f"open_clip run failed (exit {proc.returncode})"
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 def task_flickr8k(minutes: float) -> dict[str, Any]:
@@ -160,9 +181,13 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "quality.json"))
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for training and evaluation (default: torch's; 1 is far faster on a busy shared machine)")
+    p.add_argument("--open-clip-python", default=os.environ.get("CLIPFORGE_OPENCLIP_PYTHON"),
+                   help="an interpreter with open_clip: train its CLIP on CIFAR-10 beside ours, at the same time "
+                        "(run with --threads 1 so the two share the cores evenly)")
     args = p.parse_args()
-    global THREADS
+    global THREADS, OPEN_CLIP_PYTHON
     THREADS = args.threads
+    OPEN_CLIP_PYTHON = args.open_clip_python
     if args.threads:
         import torch
 
@@ -187,6 +212,8 @@ def main() -> int:
             res = f"held-out zero-shot top-1 {r['heldout_top1']:.3f} (seen combos {r['seen_top1']:.3f})"
         elif name == "cifar10":
             res = f"test zero-shot top-1 {r['test_top1']:.3f}, top-5 {r['test_top5']:.3f}"
+            if isinstance(r.get("open_clip"), dict):
+                res += f"; open_clip beside it: top-1 {r['open_clip']['test_top1']:.3f} ({r['open_clip']['steps']} steps)"
         else:
             res = (f"i2t R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/{r['i2t_r10']:.3f}  "
                    f"t2i R@1/5/10 {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f}")

@@ -9,7 +9,7 @@ from .config import PRESETS, CLIPConfig, preset_config
 from .errors import CheckpointError, ClipforgeError, ConfigError, ImageError, ImageTooLargeError
 from .image import DEFAULT_MAX_PIXELS, ImageTransform, load_and_preprocess, open_image
 from .inference import DEFAULT_TEMPLATES, CLIPInference
-from .loss import clip_loss
+from .loss import caption_groups, clip_loss
 from .tokenizer import CLIPTokenizer
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ImageError",
     "ImageTooLargeError",
     "ImageTransform",
+    "caption_groups",
     "clip_loss",
     "content_hash",
     "load_and_preprocess",

@@ -12,11 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CLIP, CLIPConfig, clip_loss, preset_config
+from model import CLIP, CLIPConfig, caption_groups, clip_loss, preset_config
 
 WORLD = 2
 GLOBAL_BATCH = 8
 DIM = 16
+# Captions 0 and 3 are identical, and so are 1 and 5 (across the two ranks' halves).
+CAPTION_IDS = torch.tensor([[1, 7, 2, 0], [1, 8, 9, 2], [1, 5, 2, 0], [1, 7, 2, 0], [1, 6, 2, 0], [1, 8, 9, 2],
+                            [1, 4, 2, 0], [1, 9, 2, 0]])
 
 
 def _features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +48,37 @@ def test_loss_is_low_for_matching_pairs_and_symmetric() -> None:
     assert clip_loss(img, txt, scale).item() == pytest.approx(clip_loss(txt, img, scale).item(), rel=1e-12)
 
 
+def test_caption_groups_match_exactly_the_identical_captions() -> None:
+    groups = caption_groups(CAPTION_IDS, pad_id=0)
+    same = (groups[:, None] == groups[None, :]).int()
+    expected = torch.eye(GLOBAL_BATCH, dtype=torch.int)
+    for a, b in ((0, 3), (1, 5)):
+        expected[a, b] = expected[b, a] = 1
+    assert torch.equal(same, expected)
+    # trailing pads do not matter
+    longer = torch.nn.functional.pad(CAPTION_IDS, (0, 3))
+    assert torch.equal(caption_groups(longer, pad_id=0), groups)
+
+
+def test_grouped_loss_is_the_plain_loss_without_duplicates_and_a_hand_computation_with_them() -> None:
+    img, txt = _features()
+    scale = torch.tensor(14.0, dtype=torch.float64)
+    distinct = torch.arange(GLOBAL_BATCH) * 1000
+    assert clip_loss(img, txt, scale, distinct).item() == pytest.approx(clip_loss(img, txt, scale).item(), rel=1e-12)
+    groups = caption_groups(CAPTION_IDS, pad_id=0)
+    n = GLOBAL_BATCH
+    sims = [[14.0 * float(img[i] @ txt[j]) for j in range(n)] for i in range(n)]
+    members = [[j for j in range(n) if groups[j] == groups[i]] for i in range(n)]
+
+    def ce(row: list[float], targets: list[int]) -> float:
+        lse = math.log(sum(math.exp(v) for v in row))
+        return -sum(row[t] - lse for t in targets) / len(targets)
+
+    i2t = sum(ce(sims[i], members[i]) for i in range(n)) / n
+    t2i = sum(ce([sims[k][j] for k in range(n)], members[j]) for j in range(n)) / n
+    assert clip_loss(img, txt, scale, groups).item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-12)
+
+
 # --------------------------------------------------------------------------- distributed
 def _free_port() -> int:
     with socket.socket() as s:
@@ -64,12 +98,16 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         local_img = img[rank * n : (rank + 1) * n].clone().requires_grad_(True)
         local_txt = txt[rank * n : (rank + 1) * n].clone().requires_grad_(True)
         scale = torch.tensor(14.0, dtype=torch.float64, requires_grad=True)
-        loss = clip_loss(local_img, local_txt, scale)
-        loss.backward()
-        np.savez(
-            Path(out_dir) / f"rank{rank}.npz", loss=loss.detach().numpy(), img_grad=local_img.grad.numpy(),
-            txt_grad=local_txt.grad.numpy(), scale_grad=scale.grad.numpy(),
-        )
+        groups = caption_groups(CAPTION_IDS[rank * n : (rank + 1) * n], pad_id=0)
+        for name, g in (("plain", None), ("grouped", groups)):
+            for t in (local_img, local_txt, scale):
+                t.grad = None
+            loss = clip_loss(local_img, local_txt, scale, g)
+            loss.backward()
+            np.savez(
+                Path(out_dir) / f"{name}{rank}.npz", loss=loss.detach().numpy(), img_grad=local_img.grad.numpy(),
+                txt_grad=local_txt.grad.numpy(), scale_grad=scale.grad.numpy(),
+            )
         # Unequal local batches are refused with a clear message, not a hang or a wrong loss.
         try:
             clip_loss(img[: 1 + rank], txt[: 1 + rank], scale)
@@ -80,20 +118,27 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(300)
-def test_distributed_loss_equals_single_process_loss(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    out = tmp_path_factory.mktemp("dist-loss")
+    mp.spawn(_distributed_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
 
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["plain", "grouped"])
+def test_distributed_loss_equals_single_process_loss(distributed_run: Path, name: str) -> None:
+    tmp_path = distributed_run
     img, txt = _features()
     img.requires_grad_(True)
     txt.requires_grad_(True)
     scale = torch.tensor(14.0, dtype=torch.float64, requires_grad=True)
-    loss = clip_loss(img, txt, scale)
+    loss = clip_loss(img, txt, scale, caption_groups(CAPTION_IDS, pad_id=0) if name == "grouped" else None)
     loss.backward()
 
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(WORLD)]
+    ranks = [np.load(tmp_path / f"{name}{r}.npz") for r in range(WORLD)]
     # DDP averages the per-rank losses and gradients: the mean loss is the global loss...
     assert np.mean([r["loss"] for r in ranks]) == pytest.approx(loss.item(), rel=1e-10)
     assert np.mean([r["scale_grad"] for r in ranks]) == pytest.approx(scale.grad.item(), rel=1e-10)

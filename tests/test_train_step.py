@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from model import CLIP, preset_config
+from model import CLIP, caption_groups, preset_config
 from training.step import ContrastiveModule, forward_backward
 
 
@@ -37,13 +37,19 @@ def _grads(model: CLIP) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_accumulation_2x4_equals_batch_8() -> None:
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_accumulation_2x4_equals_batch_8(duplicates: bool) -> None:
     model, pixels, ids = _setup()
+    groups = None
+    if duplicates:  # captions 0 and 5 (in different micro-batches) and 2 and 3 are identical
+        ids[5], ids[3] = ids[0], ids[2]
+        groups = caption_groups(ids, pad_id=0)
+        assert len(set(groups.tolist())) == 6
     twin = copy.deepcopy(model)
     torch.manual_seed(123)
-    loss_full = forward_backward(ContrastiveModule(model), pixels, ids, accum_steps=1)
+    loss_full = forward_backward(ContrastiveModule(model), pixels, ids, accum_steps=1, groups=groups)
     torch.manual_seed(123)
-    loss_acc = forward_backward(ContrastiveModule(twin), pixels, ids, accum_steps=2)
+    loss_acc = forward_backward(ContrastiveModule(twin), pixels, ids, accum_steps=2, groups=groups)
     g_full, g_acc = _grads(model), _grads(twin)
     assert g_full.keys() == g_acc.keys()
     assert loss_acc == pytest.approx(loss_full, rel=1e-5)

@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
     beta2: float = Field(0.98, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-6, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm (0 disables)")
+    group_duplicate_captions: bool = Field(
+        True, description="identical captions in a batch are positives of each other's images, not negatives"
+    )
     max_minutes: float | None = Field(None, gt=0.0, description="wall-clock budget: the cosine decay also follows the "
                                       "elapsed share of it, and training stops at its end (not reproducible step for step)")
     # hardware

@@ -23,17 +23,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import CLIP, CLIPTokenizer, load_checkpoint
+from model import CLIP, CLIPTokenizer, caption_groups, load_checkpoint
 from model.errors import ClipforgeError, ConfigError
 
 from .config import TrainConfig, load_saved_config
-from .distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from .distributed import (
+    all_reduce_min,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
 from .evaluate import evaluate, zeroshot_only
 from .logs import METRICS_FILE, Progress, RunLogger, truncate_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .run_data import RunData, make_train_loader, resolve_data, steps_per_epoch
 from .run_state import (
-    find_resumable, load_trainer_state, optimizer_from_flat, prune_step_checkpoints, restore_rng,
+    find_resumable,
+    load_trainer_state,
+    optimizer_from_flat,
+    prune_step_checkpoints,
+    restore_rng,
     save_training_checkpoint,
 )
 from .step import ContrastiveModule, forward_backward
@@ -269,7 +279,8 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         grad_norm = float("nan")
         if pixels.shape[0] >= 2:
-            loss = forward_backward(self.module, pixels, ids, cfg.accum_steps, autocast)
+            groups = caption_groups(ids, self.model.cfg.pad_token_id) if cfg.group_duplicate_captions else None
+            loss = forward_backward(self.module, pixels, ids, cfg.accum_steps, autocast, groups)
             if self.info.enabled:  # report the global-batch loss: the mean of the ranks' local losses
                 loss = all_reduce_sum([loss], self.info, self.device)[0] / self.info.world_size
             if cfg.grad_clip > 0:

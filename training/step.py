@@ -44,19 +44,20 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 def forward_backward(
     module: nn.Module, pixels: torch.Tensor, ids: torch.Tensor, accum_steps: int = 1,
-    autocast: AbstractContextManager | None = None,
+    autocast: AbstractContextManager | None = None, groups: torch.Tensor | None = None,
 ) -> float:
     """Accumulate into .grad the gradient of the CLIP loss over the whole (local) batch; return the loss.
 
     module is a ContrastiveModule, possibly wrapped in DDP (then all but the last
     micro-batch run under no_sync, and the last one carries the temperature gradient).
+    groups: the batch's caption groups (model.caption_groups), None for the plain one-hot loss.
     """
     autocast = autocast or nullcontext()
     n = pixels.shape[0]
     if accum_steps <= 1 or n < accum_steps:
         with autocast:
             img, txt, scale = module(pixels, ids)
-        loss = clip_loss(img.float(), txt.float(), scale.float())
+        loss = clip_loss(img.float(), txt.float(), scale.float(), groups)
         loss.backward()
         return float(loss.detach())
 
@@ -84,7 +85,7 @@ def forward_backward(
                 scale = scale.detach()
             all_img = torch.cat(cached_img[:j] + [img.float()] + cached_img[j + 1 :])
             all_txt = torch.cat(cached_txt[:j] + [txt.float()] + cached_txt[j + 1 :])
-            loss = clip_loss(all_img, all_txt, scale.float())
+            loss = clip_loss(all_img, all_txt, scale.float(), groups)
             loss.backward()
         loss_value = float(loss.detach())
     _set_rng_state(after, device)
