@@ -92,8 +92,33 @@ def task_shapes(minutes: float) -> dict[str, Any]:
     seen = evaluate_checkpoint(out / "last", f"shapes:{data}?split=seen", num_workers=1, write_meta=False)
     run.update(heldout_top1=heldout["zeroshot_top1"], heldout_top5=heldout["zeroshot_top5"],
                seen_top1=seen["zeroshot_top1"], heldout_images=heldout["n_images"],
+               attributes=shapes_attribute_accuracy(out / "last", data),
                eval_s=round(time.monotonic() - t0, 1), goal="heldout_top1 >= 0.95")
     return run
+
+
+def shapes_attribute_accuracy(checkpoint: Path, data: Path) -> dict[str, Any]:
+    """Colour and shape right separately (among the 18 "a {colour} {shape}" prompts), and how alike the
+    text embeddings of one colour's three shapes are: tells "learned colour only" apart from no learning."""
+    import torch
+
+    from model import CLIPInference, open_image
+    from training.data.shapes import CLASS_NAMES, shapes_eval_set
+
+    clip = CLIPInference.load(checkpoint)
+    texts = torch.as_tensor(clip.embed_texts([f"a {n}" for n in CLASS_NAMES]))
+    out: dict[str, Any] = {}
+    for which in ("seen", "heldout"):
+        records, _ = shapes_eval_set(data, which)
+        images = torch.as_tensor(clip.embed_images([open_image(r.image) for r in records]))
+        pred = [CLASS_NAMES[i].split() for i in (images @ texts.T).argmax(dim=1).tolist()]
+        true = [CLASS_NAMES[r.label].split() for r in records]
+        out[which] = {"colour": sum(p[0] == t[0] for p, t in zip(pred, true)) / len(true),
+                      "shape": sum(p[1] == t[1] for p, t in zip(pred, true)) / len(true)}
+    red = texts[[CLASS_NAMES.index(f"red {s}") for s in ("circle", "square", "triangle")]]
+    sims = red @ red.T
+    out["red_shapes_text_cosine_mean"] = round(float((sims.sum() - sims.trace()) / 6), 4)
+    return out
 
 
 def extract_cifar() -> Path:
@@ -210,6 +235,9 @@ def main() -> int:
             continue
         if name == "shapes":
             res = f"held-out zero-shot top-1 {r['heldout_top1']:.3f} (seen combos {r['seen_top1']:.3f})"
+            a = r["attributes"]
+            res += f"; colour/shape right: seen {a['seen']['colour']:.2f}/{a['seen']['shape']:.2f}, "
+            res += f"held-out {a['heldout']['colour']:.2f}/{a['heldout']['shape']:.2f}"
         elif name == "cifar10":
             res = f"test zero-shot top-1 {r['test_top1']:.3f}, top-5 {r['test_top5']:.3f}"
             if isinstance(r.get("open_clip"), dict):
