@@ -27,26 +27,36 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.align_dim, bias=False)
         # log of the inverse temperature, CLIP's parameterisation: exp() keeps it positive.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
-        self.apply(self._init_weights)
-        # GPT-2 style: scale residual projections by depth so deep towers start stable.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                n_layers = cfg.img_n_layers if name.startswith("visual") else cfg.text_n_layers
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        self._init_weights()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, VisionTransformer):
-            nn.init.normal_(module.cls_token, std=0.02)
-            nn.init.normal_(module.pos_embed, std=0.01)
-        elif isinstance(module, TextTransformer) and module.pos_embed is not None:
-            nn.init.normal_(module.pos_embed, std=0.01)
+    def _init_weights(self) -> None:
+        """OpenAI CLIP's width-scaled init: std = width^-0.5 for attention inputs, projections and
+        the vision tokens, (2 width)^-0.5 for the MLP input, and residual outputs shrunk further by
+        (2 layers)^-0.5. GPT-2's flat 0.02 is tuned for 768+ wide models; at the 128-384 widths
+        trained on a CPU it starts every block near the identity and learns visibly slower."""
+        cfg = self.cfg
+        for tower, width, layers in ((self.visual, cfg.img_dim, cfg.img_n_layers),
+                                     (self.text, cfg.text_dim, cfg.text_n_layers)):
+            std = width ** -0.5
+            for block in tower.blocks:
+                nn.init.normal_(block.attn.qkv.weight, std=std)
+                nn.init.normal_(block.attn.proj.weight, std=std * (2 * layers) ** -0.5)
+                nn.init.normal_(block.mlp.fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(block.mlp.proj.weight, std=std * (2 * layers) ** -0.5)
+                for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+                    nn.init.zeros_(lin.bias)
+        v = self.visual
+        nn.init.normal_(v.cls_token, std=cfg.img_dim ** -0.5)
+        nn.init.normal_(v.pos_embed, std=cfg.img_dim ** -0.5)
+        if v.head is not None:
+            nn.init.normal_(v.head.weight, std=cfg.img_dim ** -0.5)
+            nn.init.zeros_(v.head.bias)
+        # the patch embedding keeps PyTorch's default (fan-in scaled) init, as in CLIP
+        nn.init.normal_(self.text.tok_embed.weight, std=0.02)
+        if self.text.pos_embed is not None:
+            nn.init.normal_(self.text.pos_embed, std=0.01)
+        nn.init.normal_(self.image_proj.weight, std=cfg.img_dim ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=cfg.text_dim ** -0.5)
 
     # ------------------------------------------------------------------ public API
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -90,19 +100,26 @@ class CLIP(nn.Module):
         text = count(self.text) + self.text_proj.weight.numel()
         return {"image": image, "text": text, "total": count(self)}
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matrices only; none on norms, biases, CLS, positions, temperature."""
-        decay, no_decay = [], []
+    def param_groups(self, weight_decay: float, text_lr_scale: float = 1.0) -> list[dict]:
+        """AdamW groups: decay on matrices only; none on norms, biases, CLS, positions, temperature.
+
+        Each group carries an "lr_scale" (the trainer multiplies its scheduled lr by it): the
+        text tower and its projection get text_lr_scale, everything else 1. A slower text
+        tower keeps captions that differ in one word apart until the image tower has learned
+        the visual difference (at full speed the shared text weights pull such captions
+        together first, and neither tower ever learns the attribute).
+        """
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if p.ndim < 2 or name.endswith(("cls_token", "pos_embed")) or name == "logit_scale":
-                no_decay.append(p)
-            else:
-                decay.append(p)
+            plain = p.ndim < 2 or name.endswith(("cls_token", "pos_embed")) or name == "logit_scale"
+            text = name.startswith(("text.", "text_proj."))
+            groups.setdefault((not plain, text), []).append(p)
         return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": text_lr_scale if text else 1.0}
+            for (decay, text), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
         ]
 
     def flops_per_image(self) -> float:

@@ -184,15 +184,19 @@ def test_similarity_is_a_distribution_over_texts() -> None:
 
 
 # --------------------------------------------------------------------------- optimisation
-def test_param_groups_decay_only_matrices() -> None:
+def test_param_groups_decay_only_matrices_and_scale_the_text_tower() -> None:
     model = CLIP(preset_config("mini-32", text_pos="learned"))
-    decay, no_decay = model.param_groups(0.1)
+    groups = model.param_groups(0.1, text_lr_scale=0.25)
     names = {id(p): n for n, p in model.named_parameters()}
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert {"logit_scale", "visual.cls_token", "visual.pos_embed", "text.pos_embed"} <= no_decay_names
-    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert no_decay["weight_decay"] == 0.0
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"logit_scale", "visual.cls_token", "visual.pos_embed", "text.pos_embed"} <= no_decay
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim >= 2 for n in decay) and {g["weight_decay"] for g in groups} == {0.0, 0.1}
+    assert decay.isdisjoint(no_decay) and len(decay) + len(no_decay) == len(params)
+    scaled = {names[id(p)] for g in groups if g["lr_scale"] == 0.25 for p in g["params"]}
+    assert scaled == {n for n in params if n.startswith(("text.", "text_proj."))}
+    assert all(g["lr_scale"] in (0.25, 1.0) for g in groups)
 
 
 def test_one_training_step_reduces_the_loss_on_a_fixed_batch() -> None:

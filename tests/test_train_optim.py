@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import CLIP, preset_config
-from training.optim import build_optimizer, lr_at
+from training.optim import build_optimizer, lr_at, set_lr
 
 
 def test_no_weight_decay_on_norms_biases_cls_positions_temperature() -> None:
@@ -26,6 +26,21 @@ def test_no_weight_decay_on_norms_biases_cls_positions_temperature() -> None:
     assert decayed | plain == set(names.values())
     assert all(g["weight_decay"] == 0.2 for g in opt.param_groups if g["weight_decay"] > 0)
     assert opt.defaults["fused"] in (False, None)  # fused kernels are for CUDA only
+
+
+def test_text_lr_scale_slows_only_the_text_tower_and_zero_locks_it() -> None:
+    torch.manual_seed(0)
+    model = CLIP(preset_config("mini-32", img_n_layers=1, text_n_layers=1))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, text_lr_scale=0.0)
+    set_lr(opt, 1e-2)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [0.0, 1e-2]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(before[name], p.detach())
+        assert moved != name.startswith(("text.", "text_proj.")), name
 
 
 def test_decay_really_skips_the_no_decay_group() -> None:

@@ -55,6 +55,10 @@ class TrainConfig(BaseModel):
     beta2: float = Field(0.98, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-6, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm (0 disables)")
+    text_lr_scale: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="the text tower's lr as a fraction of lr (0 locks it): < 1 helps captions that differ in one word",
+    )
     group_duplicate_captions: bool = Field(
         True, description="identical captions in a batch are positives of each other's images, not negatives"
     )

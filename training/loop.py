@@ -114,7 +114,7 @@ class Trainer:
         self.model, self.tokenizer = self._build_model()
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
-                                         self.device)
+                                         self.device, cfg.text_lr_scale)
         module: nn.Module = ContrastiveModule(self.model)
         if info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
