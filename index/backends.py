@@ -179,6 +179,7 @@ class Tombstones:
 def search(
     index: faiss.Index, kind: str, queries: np.ndarray, k: int, params: dict[str, Any],
     tombstones: Tombstones | None = None, ef_search: int | None = None, nprobe: int | None = None,
+    half_scan: HalfPrecisionScan | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each (n, k); missing results have id -1. Query-time knobs never mutate the index."""
     if kind == "hnsw":
@@ -198,6 +199,8 @@ def search(
         sp.k_factor = float(params.get("refine_k_factor") or 4)
         sp.base_index_params = ivf
         return index.search(queries, k, params=sp)
+    if half_scan is not None and len(queries) == 1:
+        return half_scan.search(queries, k)
     # Exact search: FAISS picks its kernel by a process-wide threshold on the query count
     # (BLAS from 20 by default). Measured on the quiet 2-core dev machine, 100k x 512, 1 thread:
     # one query 17 ms by the per-query scan, 32 ms through BLAS; 16 queries 258 ms by the scan,
@@ -205,6 +208,57 @@ def search(
     # may see the other's setting; that changes only speed, never the results.
     faiss.cvar.distance_compute_blas_threshold = 2 if len(queries) > 1 else 1 << 30
     return index.search(queries, k)
+
+
+class HalfPrecisionScan:
+    """A float16 copy of a flat index's vectors that makes single-query exact search twice as fast.
+
+    One query scans every stored vector and is memory-bound, so reading 2 bytes per component
+    instead of 4 halves it (100k x 512 on the dev machine: 12.2 ms -> 5.9 ms). The answer stays
+    exact: rounding to float16 moves a score q.x by at most |q| |x| 2^-11, so every vector whose
+    float16 score is within twice that of the k-th best is re-scored from the float32 store,
+    and the candidate pool grows until it covers that margin.
+    """
+
+    MIN_VECTORS = 20_000  # below this the float32 scan takes about a millisecond anyway
+
+    def __init__(self, index: faiss.Index) -> None:
+        idmap = faiss.downcast_index(index)
+        inner = faiss.downcast_index(idmap.index)
+        n, d = int(inner.ntotal), int(index.d)
+        self._index = index  # owns the float32 storage that _vectors views
+        self._vectors = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d)
+        self._ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
+        self._half = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        max_sq = 0.0
+        for start in range(0, n, 65536):  # bounded temporary memory
+            chunk = np.ascontiguousarray(self._vectors[start : start + 65536])
+            self._half.add(chunk)
+            max_sq = max(max_sq, float(np.einsum("ij,ij->i", chunk, chunk).max()))
+        self._max_norm = math.sqrt(max_sq)
+
+    @classmethod
+    def worthwhile(cls, index: faiss.Index, kind: str, mmap: bool) -> bool:
+        """Flat, in memory (a mapped index is kept out of RAM on purpose) and big enough to gain."""
+        return kind == "flat" and not mmap and index.ntotal >= cls.MIN_VECTORS
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the exact top k for one query row, shaped (1, k)."""
+        n = len(self._ids)
+        k = min(k, n)
+        q_norm = float(np.linalg.norm(query))
+        # float16 rounding (relative 2^-11, subnormals absolute 2^-25) plus float32 summation slack
+        eps = q_norm * (self._max_norm * 2.0**-11 + math.sqrt(query.shape[1]) * 2.0**-25) + 1e-6
+        want = min(n, max(4 * k, k + 32))
+        while True:
+            scores, pos = self._half.search(query, want)
+            if want >= n or scores[0, want - 1] < scores[0, k - 1] - 2 * eps:
+                break
+            want = min(n, want * 4)
+        candidates = pos[0][pos[0] >= 0]
+        exact = self._vectors[candidates] @ query[0]
+        best = np.argsort(-exact, kind="stable")[:k]
+        return exact[best][None, :].astype(np.float32), self._ids[candidates[best]][None, :]
 
 
 IVFPQ_MIN_VECTORS = 1000

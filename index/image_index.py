@@ -101,6 +101,7 @@ class _Snapshot:
     db: MetadataReader
     tombstones: Tombstones
     mmap: bool
+    half_scan: backends.HalfPrecisionScan | None = None
 
 
 def _normalise(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -152,7 +153,9 @@ def _load_snapshot(directory: Path, mmap: bool) -> _Snapshot:
         if index.d != manifest.dim:
             raise IndexStoreError(f"{gen_dir}: FAISS index has dimension {index.d}, manifest says {manifest.dim}")
         tomb = Tombstones(np.array(db.tombstones() if manifest.tombstones else [], dtype=np.int64), index, manifest.index_type)
-        return _Snapshot(generation, manifest, index, db, tomb, mmap)
+        half = backends.HalfPrecisionScan(index) if backends.HalfPrecisionScan.worthwhile(
+            index, manifest.index_type, mmap) else None
+        return _Snapshot(generation, manifest, index, db, tomb, mmap, half)
     raise IndexStoreError(f"{directory} keeps changing while being opened: {last}")
 
 
@@ -338,7 +341,8 @@ class ImageIndex:
             return [[] for _ in range(len(queries))]
         kk = int(min(k, st.index.ntotal))
         scores, ids = backends.search(
-            st.index, st.manifest.index_type, queries, kk, st.manifest.params, st.tombstones, ef_search, nprobe
+            st.index, st.manifest.index_type, queries, kk, st.manifest.params, st.tombstones, ef_search, nprobe,
+            st.half_scan,
         )
         records = st.db.get_many([int(i) for i in np.unique(ids) if i >= 0])
         out: list[list[SearchResult]] = []
@@ -680,7 +684,9 @@ class ImageIndex:
             raise
         if st.mmap:
             index = _read_faiss(gen_dir / store.FAISS_FILE, True)
+        half = backends.HalfPrecisionScan(index) if backends.HalfPrecisionScan.worthwhile(index, target, st.mmap) else None
         self._state = _Snapshot(
-            generation, manifest, index, MetadataReader(gen_dir / store.DB_FILE), Tombstones(new_tomb, index, target), st.mmap
+            generation, manifest, index, MetadataReader(gen_dir / store.DB_FILE), Tombstones(new_tomb, index, target), st.mmap,
+            half,
         )
         store.clean_up(self.directory, generation)

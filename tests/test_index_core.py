@@ -286,3 +286,20 @@ def test_create_over_the_leftovers_of_a_killed_create(tmp_path: Path) -> None:
     (tmp_path / "other" / "photo.jpg").write_bytes(b"x")
     with pytest.raises(IndexExistsError, match="not an empty folder"):
         ImageIndex.create(tmp_path / "other", "m" * 64, dim=8)
+
+
+def test_big_flat_index_answers_single_queries_through_the_half_precision_scan(tmp_path: Path) -> None:
+    from index.backends import HalfPrecisionScan
+
+    dim, n = 16, HalfPrecisionScan.MIN_VECTORS + 500
+    idx = ImageIndex.create(tmp_path / "idx", "m" * 64, dim=dim, index_type="flat")
+    vecs = unit(n, dim)
+    idx.add_embeddings(vecs, fake_images(n))
+    assert idx._state.half_scan is not None
+    queries = unit(5, dim, seed=9)
+    batch = idx.search_by_vector(queries, k=10)  # two or more queries: the float32 BLAS path
+    single = [idx.search_by_vector(q, k=10)[0] for q in queries]
+    assert [[h.id for h in row] for row in single] == [[h.id for h in row] for row in batch]
+    idx.remove([batch[0][0].id])  # a new generation gets its own float16 copy, without the removed vector
+    assert batch[0][0].id not in {h.id for h in idx.search_by_vector(queries[0], k=10)[0]}
+    assert ImageIndex.open(tmp_path / "idx", mmap=True)._state.half_scan is None
