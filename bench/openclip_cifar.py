@@ -37,8 +37,8 @@ MAX_LOGIT_SCALE = 100.0
 EMBED_DIM = 128
 VISION_CFG: dict[str, Any] = {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32,
                               "mlp_ratio": 4.0}
-# clipforge's cifar10 model uses a 1-layer text tower (with its own small BPE vocab); open_clip keeps a
-# conventional 4-layer tower and its stock 49,408-token tokenizer.
+# Text depth defaults to the reference (4) and follows --text-layers (the quality bench passes its
+# own model's depth, so the two towers match); open_clip keeps its stock 49,408-token tokenizer.
 TEXT_CFG: dict[str, Any] = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4,
                             "mlp_ratio": 4.0}
 
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-layers", type=int, default=TEXT_CFG["layers"], help="depth of the text tower")
+    p.add_argument("--image-pool", choices=["tok", "avg"], default="tok",
+                   help="open_clip's pooling of the image tower: class token (tok) or mean of patches (avg)")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on a seeded random subset of this size")
     p.add_argument("--out", type=Path, required=True, help="JSON results path")
     return p.parse_args(argv)
@@ -213,6 +216,8 @@ def subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int)
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    TEXT_CFG["layers"] = args.text_layers
+    VISION_CFG["pool_type"] = args.image_pool
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     templates = read_templates()

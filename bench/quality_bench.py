@@ -86,7 +86,8 @@ def task_shapes(minutes: float) -> dict[str, Any]:
     out = CACHE / "runs" / "shapes"
     values = _base(out, preset="mini-64", model=SHAPES_MODEL, data=f"shapes:{data}",
                    val_data=f"shapes:{data}?split=val", zeroshot_data=f"shapes:{data}?split=heldout",
-                   batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05, train_augment=False)
+                   batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05, train_augment=False,
+                   text_lr_scale=0.1)
     run = timed_train(values, minutes, 12000)
     t0 = time.monotonic()
     heldout = evaluate_checkpoint(out / "last", f"shapes:{data}?split=heldout", num_workers=1)
@@ -163,7 +164,9 @@ def _start_open_clip(root: Path, minutes: float) -> tuple[subprocess.Popen, Path
     out.unlink(missing_ok=True)
     cmd = [OPEN_CLIP_PYTHON, str(ROOT / "bench" / "openclip_cifar.py"), "--train", str(root / "train"),
            "--test", str(root / "test"), "--minutes", str(minutes), "--threads", str(THREADS or 1),
-           "--batch-size", "128", "--lr", "2e-3", "--warmup-steps", "100", "--weight-decay", "0.1", "--out", str(out)]
+           "--batch-size", "128", "--lr", "2e-3", "--warmup-steps", "100", "--weight-decay", "0.1", "--out", str(out),
+           "--text-layers", str(CIFAR_MODEL["text_n_layers"]),
+           "--image-pool", "tok" if CIFAR_MODEL["img_pool"] == "cls" else "avg"]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS or 1)}
     return subprocess.Popen(cmd, env=env), out
 
