@@ -12,7 +12,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_train_support import COLORS, SHAPES, SMALL, draw, write_caption_data, write_imagefolder
+from test_train_support import (
+    COLORS,
+    SHAPES,
+    SMALL,
+    draw,
+    write_caption_data,
+    write_imagefolder,
+)
 
 import clipforge_cli
 from model import CLIPInference
