@@ -138,3 +138,17 @@ def test_config_file_with_a_flag_overriding_it(tmp_path: Path) -> None:
     assert clipforge_cli.main(["train", "--config", str(tmp_path / "train.toml"), "--lr", "3e-4"]) == 0
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["lr"] == 3e-4 and saved["batch_size"] == 4 and saved["model"]["img_dim"] == SMALL["img_dim"]
+
+
+def test_eval_command_on_a_caption_csv_writes_the_report_into_meta(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`clipforge eval --checkpoint CKPT --data csv:captions.txt`: recall both ways, into meta.json."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    data = write_caption_data(tmp_path / "data", n=N)
+    assert "i2t_r1" not in (ckpt / "meta.json").read_text()
+    assert clipforge_cli.main(["eval", "--checkpoint", str(ckpt), "--data", f"csv:{data}"]) == 0
+    meta = json.loads((ckpt / "meta.json").read_text())
+    report = json.dumps(meta)
+    assert "i2t_r1" in report and "t2i_r10" in report
