@@ -39,6 +39,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.n_patches, d))
         self.drop = nn.Dropout(cfg.img_dropout_rate)
+        # CLIP's ln_pre: the patch embeddings, CLS and positions arrive at very different scales;
+        # normalising them once before the first block lets every block start from unit scale.
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.eps)
         self.blocks = nn.ModuleList(
             Block(d, cfg.img_n_heads, None, cfg.img_mlp_ratio, cfg.img_dropout_rate, cfg.eps, False, cfg.is_flash)
             for _ in range(cfg.img_n_layers)
@@ -54,7 +57,7 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed
         if pos.shape[1] != x.shape[1]:  # another image size than trained on
             pos = interpolate_pos_embed(pos, math.isqrt(x.shape[1] - 1))
-        x = self.drop(x + pos)
+        x = self.norm_pre(self.drop(x + pos))
         if self.cfg.img_pool == "cls":
             # Only the CLS token is read, so the last block computes that one query (same result,
             # ~1/depth of the tower's work saved).

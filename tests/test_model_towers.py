@@ -141,7 +141,7 @@ def test_cls_only_last_block_equals_the_full_computation(grad: bool) -> None:
     x = torch.randn(3, 3, 16, 16)
     with torch.set_grad_enabled(grad):
         tokens = vit.patch_embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([vit.cls_token.expand(3, -1, -1), tokens], dim=1) + vit.pos_embed
+        tokens = vit.norm_pre(torch.cat([vit.cls_token.expand(3, -1, -1), tokens], dim=1) + vit.pos_embed)
         for block in vit.blocks:
             tokens = block(tokens)
         full = vit.norm(tokens)[:, 0]
