@@ -32,15 +32,11 @@ from pathlib import Path
 from model.errors import ClipforgeError
 
 DEFAULT_WORKDIR = Path(".cache/demo")
-# The shapes recipe of bench/quality_bench.py: a 64-pixel model with 8-pixel patches (at 32
-# pixels colours were learnt but shapes were not), narrow towers, mean pooling, a large
+# The shapes recipe of bench/quality_bench.py: the shapes-64 preset (64 pixels, 8-pixel patches;
+# at 32 pixels colours were learnt but shapes were not, narrow towers, mean pooling), a large
 # learning rate, a text tower trained at a tenth of it (at full speed it merges captions that
 # differ only in the shape word) and no crop augmentation (a crop can cut the shape that the caption names).
-PRESET = "mini-64"
-MODEL_OVERRIDES = {
-    "img_dim": 128, "img_n_heads": 4, "img_n_layers": 3, "text_dim": 128, "text_n_heads": 4, "text_n_kv_heads": 2,
-    "text_n_layers": 2, "align_dim": 128, "patch_size": 8, "img_pool": "mean", "vocab_size": 512,
-}
+PRESET = "shapes-64"
 N_TRAIN = 6000
 N_VAL = 300
 EPOCHS = 3  # about 280 steps: a few minutes on two idle CPU cores
@@ -94,8 +90,6 @@ def train_command(layout: DemoLayout, minutes: float, max_steps: int | None) -> 
         "--weight-decay", "0.05", "--text-lr-scale", "0.1", "--no-train-augment", "--max-minutes", f"{minutes:g}",
         "--device", "cpu", "--num-workers", "1", "--no-tensorboard",
     )
-    for key, value in MODEL_OVERRIDES.items():
-        cmd += ["--set", f"{key}={value}"]
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
     return cmd

@@ -242,6 +242,11 @@ class HalfPrecisionScan:
         """Flat, in memory (a mapped index is kept out of RAM on purpose) and big enough to gain."""
         return kind == "flat" and not mmap and index.ntotal >= cls.MIN_VECTORS
 
+    @classmethod
+    def for_index(cls, index: faiss.Index, kind: str, mmap: bool) -> HalfPrecisionScan | None:
+        """The scan for a snapshot's index, or None where it would not pay."""
+        return cls(index) if cls.worthwhile(index, kind, mmap) else None
+
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the exact top k for one query row, shaped (1, k)."""
         n = len(self._ids)

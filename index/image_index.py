@@ -153,8 +153,7 @@ def _load_snapshot(directory: Path, mmap: bool) -> _Snapshot:
         if index.d != manifest.dim:
             raise IndexStoreError(f"{gen_dir}: FAISS index has dimension {index.d}, manifest says {manifest.dim}")
         tomb = Tombstones(np.array(db.tombstones() if manifest.tombstones else [], dtype=np.int64), index, manifest.index_type)
-        half = backends.HalfPrecisionScan(index) if backends.HalfPrecisionScan.worthwhile(
-            index, manifest.index_type, mmap) else None
+        half = backends.HalfPrecisionScan.for_index(index, manifest.index_type, mmap)
         return _Snapshot(generation, manifest, index, db, tomb, mmap, half)
     raise IndexStoreError(f"{directory} keeps changing while being opened: {last}")
 
@@ -684,7 +683,7 @@ class ImageIndex:
             raise
         if st.mmap:
             index = _read_faiss(gen_dir / store.FAISS_FILE, True)
-        half = backends.HalfPrecisionScan(index) if backends.HalfPrecisionScan.worthwhile(index, target, st.mmap) else None
+        half = backends.HalfPrecisionScan.for_index(index, target, st.mmap)
         self._state = _Snapshot(
             generation, manifest, index, MetadataReader(gen_dir / store.DB_FILE), Tombstones(new_tomb, index, target), st.mmap,
             half,

@@ -191,6 +191,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small-32": _preset(384, 6, 8, img_size=32, patch_size=4, max_seq_len=32, align_dim=384, text_n_kv_heads=3),
     "mini-64": _preset(128, 4, 4, img_size=64, patch_size=8, max_seq_len=32, align_dim=128, text_n_kv_heads=2),
     "tiny-64": _preset(256, 4, 6, img_size=64, patch_size=8, max_seq_len=48, align_dim=256, text_n_kv_heads=2),
+    # The synthetic-shapes model of the demo and bench/quality_bench.py: mini-64, shallower, mean pooling.
+    "shapes-64": _preset(128, 4, 4, img_size=64, patch_size=8, max_seq_len=32, align_dim=128, text_n_kv_heads=2,
+                         img_n_layers=3, text_n_layers=2, img_pool="mean", vocab_size=512),
 }
 
 

@@ -261,25 +261,27 @@ class Trainer:
         check_bad_fraction(int(n_bad), int(n_seen), self.cfg.max_bad_fraction)
         return int(n_bad), int(n_seen)
 
-    def _batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pixels = batch["pixels"]
         captions = batch["captions"]
         if self.info.enabled:  # every rank must contribute the same number of pairs
             n = all_reduce_min(len(captions), self.info, self.device)
             pixels, captions = pixels[:n], captions[:n]
         ids = self.tokenizer.encode(list(captions)) if captions else torch.zeros((0, 2), dtype=torch.long)
-        return pixels.to(self.device, non_blocking=True), ids.to(self.device, non_blocking=True)
+        groups = None
+        if self.cfg.group_duplicate_captions:  # hashed on the CPU copy: no device round trip
+            groups = caption_groups(ids, self.model.cfg.pad_token_id).to(self.device, non_blocking=True)
+        return pixels.to(self.device, non_blocking=True), ids.to(self.device, non_blocking=True), groups
 
     def _train_step(self, batch: dict) -> dict[str, float]:
         cfg = self.cfg
         time_fraction = self._elapsed() / (cfg.max_minutes * 60) if cfg.max_minutes else None
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr, time_fraction)
         set_lr(self.optimizer, lr)
-        pixels, ids = self._batch_to_device(batch)
+        pixels, ids, groups = self._batch_to_device(batch)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         grad_norm = float("nan")
         if pixels.shape[0] >= 2:
-            groups = caption_groups(ids, self.model.cfg.pad_token_id) if cfg.group_duplicate_captions else None
             loss = forward_backward(self.module, pixels, ids, cfg.accum_steps, autocast, groups)
             if self.info.enabled:  # report the global-batch loss: the mean of the ranks' local losses
                 loss = all_reduce_sum([loss], self.info, self.device)[0] / self.info.world_size
