@@ -28,6 +28,7 @@ ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("CLIPFORGE_")}
 _spec = importlib.util.spec_from_file_location("smoke_client", ROOT / "deploy" / "smoke_client.py")
 assert _spec is not None and _spec.loader is not None
 smoke_client = importlib.util.module_from_spec(_spec)
+sys.modules["smoke_client"] = smoke_client  # dataclasses look their module up there
 _spec.loader.exec_module(smoke_client)
 
 
@@ -106,7 +107,9 @@ def test_reuses_the_model_and_builds_then_reuses_the_index(workdir: Path) -> Non
 
 def test_serves_until_sigterm_and_answers_like_the_deployment(workdir: Path) -> None:
     port = _free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "clipforge_cli", "demo", "--workdir", str(workdir), "--port", str(port)],
+    # `clipforge demo --port 8080 --host 0.0.0.0`, as the README shows it: the banner still names a loopback URL
+    demo = subprocess.Popen([sys.executable, "-m", "clipforge_cli", "demo", "--workdir", str(workdir), "--port", str(port),
+                             "--host", "0.0.0.0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV)
     lines: list[str] = []
     try:
@@ -156,3 +159,35 @@ def test_an_index_of_another_checkpoint_is_rebuilt(workdir: Path, tmp_path: Path
     assert "rebuilding the index" in result.stdout
     size, model_id = _index_size_and_model(workdir / "index" / "demo")
     assert size == 14 and model_id == content_hash(best)
+
+
+def test_retrain_trains_a_new_model_and_rebuilds_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """`clipforge demo --retrain`: the whole path from nothing (generate, train, index), then a second
+    --retrain trains again and rebuilds the index. The data set is shrunk so it runs in seconds."""
+    import json
+
+    import clipforge_cli
+    from app import demo as demo_mod
+    from model import content_hash
+
+    monkeypatch.setattr(demo_mod, "N_TRAIN", 160)  # two batches of 64
+    monkeypatch.setattr(demo_mod, "N_VAL", 12)
+    work = tmp_path / "demo"
+    run = work / "checkpoints" / "demo"
+    args = ["demo", "--workdir", str(work), "--no-serve"]
+    assert clipforge_cli.main([*args, "--max-steps", "2"]) == 0
+    assert json.loads((run / "last" / "meta.json").read_text())["step"] == 2
+    capfd.readouterr()
+
+    assert clipforge_cli.main([*args, "--max-steps", "2"]) == 0
+    assert "reusing the trained demo model" in capfd.readouterr().out
+
+    assert clipforge_cli.main([*args, "--retrain", "--max-steps", "3"]) == 0
+    out = capfd.readouterr().out
+    assert "training the demo model" in out and "$ clipforge index build" in out
+    assert json.loads((run / "last" / "meta.json").read_text())["step"] == 3, "--retrain must train again"
+    size, model_id = _index_size_and_model(work / "index" / "demo")
+    assert model_id == content_hash(run / "best"), "the index belongs to the new model"
+    heldout = len(list((work / "images" / "shapes" / "images" / "heldout").iterdir()))
+    assert size == demo_mod.N_VAL + heldout
