@@ -58,7 +58,7 @@ def _targets(row_groups: torch.Tensor, col_groups: torch.Tensor) -> torch.Tensor
 
 def clip_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-    groups: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None, gather: bool = True,
 ) -> torch.Tensor:
     """L = 1/2 [CE(image->text logits, y) + CE(text->image logits, y)] over the global batch.
 
@@ -72,8 +72,11 @@ def clip_loss(
     teaches the model noise (with class-template captions, such as an image folder's, most
     of a batch's negatives would be false). With groups, y for each row is uniform over
     its group's columns; when every caption is distinct this is exactly the one-hot loss.
+
+    gather=False scores this process's batch alone: evaluation runs on one rank, and a
+    collective that the other ranks never join would hang them all.
     """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         rank = dist.get_rank()
         all_image = gather_features(image_features)

@@ -24,6 +24,37 @@ def _losses(run: Path) -> dict[int, float]:
             if r["kind"] == "train"}
 
 
+def _torchrun(values: dict, cfg_file: Path, timeout: float = 240) -> None:
+    """`torchrun --standalone --nproc_per_node 2 -m training.cli train --config FILE`, killed whole on a hang."""
+    cfg = build_config(values)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in cfg.model_dump().items() if v is not None and k != "model"]
+    lines.append("[model]")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in cfg.model.items()]
+    cfg_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = cfg_file.with_suffix(".log")
+    with log.open("w") as out:  # a file, not a pipe: a hung worker cannot block reading it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "training.cli", "train", "--config", str(cfg_file)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # The workers run in sessions of their own; SIGTERM makes the launcher stop them first.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise AssertionError(f"torchrun did not finish in {timeout:g} s (a collective only some ranks joined?)\n"
+                                 + log.read_text()[-3000:]) from None
+    err = log.read_text()
+    assert proc.returncode == 0, err[-3000:]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     data = write_caption_data(tmp_path / "data", n=40)
@@ -31,31 +62,7 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     single = build_config(base_config(data, tmp_path / "single", **settings))
     train(single)
 
-    ddp = build_config(base_config(data, tmp_path / "ddp", **settings))
-    cfg_file = tmp_path / "ddp.toml"
-    lines = []
-    for key, value in ddp.model_dump().items():
-        if value is None:
-            continue
-        if key == "model":
-            continue
-        lines.append(f"{key} = {json.dumps(value)}")
-    lines.append("[model]")
-    lines += [f"{k} = {json.dumps(v)}" for k, v in ddp.model.items()]
-    cfg_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "training.cli", "train", "--config", str(cfg_file)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    _torchrun(base_config(data, tmp_path / "ddp", **settings), tmp_path / "ddp.toml")
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
@@ -63,3 +70,16 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     assert_same_weights(tmp_path / "single" / "last", tmp_path / "ddp" / "last", atol=1e-4)
     run_record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0])
     assert run_record["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_with_a_validation_split_evaluates_on_rank_zero_and_finishes(tmp_path: Path) -> None:
+    """Rank 0 evaluates alone while rank 1 waits: the validation loss must not gather across ranks
+    (it once did, and the run hung after its first evaluation)."""
+    data = write_caption_data(tmp_path / "data", n=40)
+    _torchrun(base_config(data, tmp_path / "ddp", max_steps=2, log_every=1, val_fraction=0.2), tmp_path / "ddp.toml",
+              timeout=180)
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert evals and all(r["val_loss"] > 0 for r in evals)
+    assert (tmp_path / "ddp" / "best" / "meta.json").is_file()

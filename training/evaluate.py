@@ -131,7 +131,7 @@ def contrastive_val_loss(
         img, txt = image_emb[start : start + batch_size], text_emb[start : start + batch_size]
         if img.shape[0] < 2 and n >= 2:
             continue  # a trailing single pair has a trivial loss
-        losses.append(float(clip_loss(img, txt, logit_scale)))
+        losses.append(float(clip_loss(img, txt, logit_scale, gather=False)))  # rank 0 evaluates alone
         weights.append(img.shape[0])
         logits = img @ txt.t()
         target = torch.arange(img.shape[0])
