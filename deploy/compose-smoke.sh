@@ -2,10 +2,14 @@
 # Real end-to-end test of the Docker image and docker-compose.yml (`make compose-smoke`).
 #
 # Starts a private Docker daemon (own data root and socket, no iptables, no bridge), builds
-# the image from a wheelhouse built here, runs `docker compose up` with deploy/compose.smoke.yml
-# (every service on host networking), waits for the api to be healthy, calls it with
-# deploy/smoke_client.py (/classify, /search, images, authorised writes), then
-# `docker compose down -v` and stops the daemon it started.
+# the image with `docker compose build` from a wheelhouse built here, runs `docker compose up`
+# with deploy/compose.smoke.yml (every service on host networking), waits for the api to be
+# healthy (and `docker compose ps` to say so), calls it with deploy/smoke_client.py (/classify,
+# /search, images, authorised writes), restarts it to check the demo model is reused, then runs
+# the README's train-profile commands on the CPU: `clipforge train` on a small Flickr30k-style
+# set, torchrun with 2 processes (DDP over gloo) on a LLaVA-style one, `index build` from the
+# best checkpoint, and `docker compose up -d api` serving that model and index, checked over
+# HTTP. Finally `docker compose down -v` and it stops the daemon it started.
 #
 # Needs root (it starts dockerd). Installs Debian's docker.io (and debootstrap) with apt-get
 # when absent. Where no registry serves python:3.11-slim, it builds a stand-in: Debian bookworm
@@ -53,11 +57,12 @@ cleanup() {
     if [ "$COMPOSE_STARTED" = 1 ]; then
         if [ "$status" != 0 ]; then
             log "service states and logs at the failure:"
-            timeout 30 "$COMPOSE" "${COMPOSE_ARGS[@]}" ps -a
-            timeout 30 "$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color --tail 80
+            timeout 30 "$COMPOSE" "${TRAIN_ARGS[@]}" ps -a
+            timeout 30 "$COMPOSE" "${TRAIN_ARGS[@]}" logs --no-color --tail 80
         fi
         log "docker compose down"
-        timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" down -v --remove-orphans --timeout 20 >/dev/null 2>&1
+        # with the train profile: a one-off `run` container left by a killed step goes too
+        timeout 120 "$COMPOSE" "${TRAIN_ARGS[@]}" down -v --remove-orphans --timeout 20 >/dev/null 2>&1
     fi
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
         log "stopping dockerd (pid $DOCKERD_PID)"
@@ -178,6 +183,27 @@ if ! probe="$(timeout "$(limit 120)" docker run --rm --network host "$BASE_IMAGE
 fi
 log "containers run (base image Python $probe)"
 
+# --------------------------------------------------------------------------- the compose project
+PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+API_KEY="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+ENV_FILE="$RUN_DIR/clipforge.env"
+printf 'CLIPFORGE_API_KEYS=%s\nCLIPFORGE_LOG_LEVEL=info\n' "$API_KEY" >"$ENV_FILE"
+chmod 600 "$ENV_FILE"
+# The data-set mount of the api and train services (keeps ./data out of the checkout), holding
+# the small Flickr30k-style and LLaVA-style sets the train profile trains on. RUN_DIR's mode 700
+# does not matter to the containers' uid 10001: the bind mount starts below it, so only the
+# modes of datasets/ and its contents count, and the writer makes those world-readable.
+timeout 120 "$PY" deploy/smoke_client.py --write-datasets "$RUN_DIR/datasets" >/dev/null \
+    || fail "could not write the smoke data sets"
+export CLIPFORGE_IMAGE="$IMAGE" CLIPFORGE_SMOKE_PORT="$PORT" CLIPFORGE_SMOKE_ENV_FILE="$ENV_FILE" \
+    CLIPFORGE_DATASETS="$RUN_DIR/datasets"
+COMPOSE_ARGS=(--project-name "$PROJECT" --file docker-compose.yml --file deploy/compose.smoke.yml)
+TRAIN_ARGS=("${COMPOSE_ARGS[@]}" --profile train)
+
+timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" config --quiet || fail "docker compose config rejects the files"
+timeout 60 "$COMPOSE" "${TRAIN_ARGS[@]}" config --quiet || fail "docker compose config rejects the files with the train profile"
+timeout 120 "$COMPOSE" "${TRAIN_ARGS[@]}" down -v --remove-orphans >/dev/null 2>&1 || true  # leftovers of a killed run
+
 # --------------------------------------------------------------------------- the image
 log "building the wheelhouse (pip wheel of the project and its dependencies)"
 timeout "$(limit 1200)" "$VENV/bin/pip" wheel --quiet --wheel-dir deploy/wheelhouse --find-links deploy/wheelhouse . setuptools wheel \
@@ -185,27 +211,18 @@ timeout "$(limit 1200)" "$VENV/bin/pip" wheel --quiet --wheel-dir deploy/wheelho
 rm -f deploy/wheelhouse/clipforge-*.whl  # the image installs the sources; an unchanged wheelhouse keeps the build cache
 log "wheelhouse: $(find deploy/wheelhouse -name '*.whl' | wc -l) wheels"
 
-log "docker build (from the wheelhouse, no index)"
+# The README's air-gapped build: `docker compose build` over the wheelhouse. The daemon has no
+# bridge, so its RUN steps use the host's network (`build: network: host` in the override), and
+# it uses the classic builder (DOCKER_BUILDKIT=0, COMPOSE_BAKE=false): Compose builds with
+# BuildKit, or bakes, only through the buildx plugin, which Debian's docker.io does not ship.
+log "docker compose build (from the wheelhouse, no index)"
 SECONDS=0
-DOCKER_BUILDKIT=0 timeout "$(limit 1800)" docker build --network host --tag "$IMAGE" . >"$RUN_DIR/build.log" 2>&1 \
-    || { tail -n 40 "$RUN_DIR/build.log"; fail "docker build failed"; }
+DOCKER_BUILDKIT=0 COMPOSE_BAKE=false timeout "$(limit 1800)" "$COMPOSE" "${COMPOSE_ARGS[@]}" build >"$RUN_DIR/build.log" 2>&1 \
+    || { tail -n 40 "$RUN_DIR/build.log"; fail "docker compose build failed"; }
 log "image built in ${SECONDS}s: $(timeout 30 docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
 [ "$(timeout 30 docker image inspect "$IMAGE" --format '{{.Config.User}}')" = "10001:10001" ] || fail "the image does not run as the non-root user 10001"
 
 # --------------------------------------------------------------------------- compose up
-PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-API_KEY="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
-ENV_FILE="$RUN_DIR/clipforge.env"
-printf 'CLIPFORGE_API_KEYS=%s\nCLIPFORGE_LOG_LEVEL=info\n' "$API_KEY" >"$ENV_FILE"
-chmod 600 "$ENV_FILE"
-mkdir -p "$RUN_DIR/datasets"  # the api's read-only data-set mount; keeps ./data out of the checkout
-export CLIPFORGE_IMAGE="$IMAGE" CLIPFORGE_SMOKE_PORT="$PORT" CLIPFORGE_SMOKE_ENV_FILE="$ENV_FILE" \
-    CLIPFORGE_DATASETS="$RUN_DIR/datasets"
-COMPOSE_ARGS=(--project-name "$PROJECT" --file docker-compose.yml --file deploy/compose.smoke.yml)
-
-timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" config --quiet || fail "docker compose config rejects the files"
-timeout 120 "$COMPOSE" "${COMPOSE_ARGS[@]}" down -v --remove-orphans >/dev/null 2>&1 || true  # leftovers of a killed run
-
 log "docker compose up (bootstrap trains $CLIPFORGE_SMOKE_STEPS steps and builds the index; api on 127.0.0.1:$PORT)"
 COMPOSE_STARTED=1
 SECONDS=0
@@ -221,8 +238,15 @@ api_health="$(timeout 30 docker inspect "$PROJECT-api-1" --format '{{.State.Heal
 networks="$(timeout 30 docker network ls --quiet --filter "label=com.docker.compose.project=$PROJECT")"
 [ -z "$networks" ] || fail "compose created networks ($networks): every service must use host networking"
 
+# The README's `docker compose ps   # api: Up (healthy)`, as an operator reads it.
+ps_out="$(timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" ps)" || fail "docker compose ps failed"
+printf '%s\n' "$ps_out" | awk -v name="$PROJECT-api-1" '$1 == name && / api .*Up .*\(healthy\)/ { ok = 1 } END { exit !ok }' \
+    || { printf '%s\n' "$ps_out"; fail "docker compose ps does not show the api as Up (healthy)"; }
+log "docker compose ps: $(printf '%s\n' "$ps_out" | awk -v name="$PROJECT-api-1" '$1 == name' | grep -o 'Up .*(healthy)')"
+
 # --------------------------------------------------------------------------- the checks
-timeout "$(limit 300)" "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --api-key "$API_KEY" --expect-images \
+# --api-key=KEY: a token_urlsafe key may start with "-", which argparse would take for an option
+timeout "$(limit 300)" "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --api-key="$API_KEY" --expect-images \
     || fail "the service did not answer as it should"
 
 log "restarting the stack: bootstrap must reuse the trained model"
@@ -232,9 +256,67 @@ t="$(limit 900)"
 timeout "$t" "$COMPOSE" "${COMPOSE_ARGS[@]}" up --detach --no-build --wait --wait-timeout "$(( t - 10 ))" \
     || fail "docker compose up (second time) did not reach a healthy api"
 log "healthy again after ${SECONDS}s"
-timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color bootstrap | grep -q "reusing" \
-    || fail "the second bootstrap did not reuse the demo model"
+boot_logs="$(timeout 60 "$COMPOSE" "${COMPOSE_ARGS[@]}" logs --no-color bootstrap)" || fail "docker compose logs failed"
+grep -q "reusing" <<<"$boot_logs" || fail "the second bootstrap did not reuse the demo model"
 timeout "$(limit 120)" "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --expect-images \
     || fail "the service did not answer as it should after the restart"
 
-log "PASS: image built, stack healthy, /classify and /search answered, state kept across a restart"
+# --------------------------------------------------------------------------- the train profile
+# The README's "Training on a GPU, then serving that model" commands in the same shape, on the
+# CPU (the override drops the GPU reservation), with flags that keep each to seconds. One-off
+# containers run without a TTY and stdin: under `timeout` a TTY read would stop the script.
+DS=/var/lib/clipforge/datasets
+CK=/var/lib/clipforge/checkpoints
+QUICK=(--num-workers 0 --no-progress --no-tensorboard --no-plots)
+train_step() {  # train_step NAME CAP ARGS...: one `docker compose --profile train run`, logged to $RUN_DIR/NAME.log
+    local name=$1 cap=$2 rc=0
+    shift 2
+    SECONDS=0
+    timeout "$(limit "$cap")" "$COMPOSE" "${TRAIN_ARGS[@]}" run --rm --no-TTY "$@" </dev/null >"$RUN_DIR/$name.log" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then
+        tail -n 40 "$RUN_DIR/$name.log"
+        fail "docker compose --profile train run ($name) exited with $rc$([ "$rc" = 124 ] && echo ': timed out')"
+    fi
+}
+
+TRAIN_STEPS=2
+log "train profile: clipforge train --preset small on the Flickr30k-style set ($TRAIN_STEPS steps, CPU)"
+# --val-fraction 0.2: the run keeps a best/ checkpoint only when it has validation images to pick it by
+train_step train-small 600 train --preset small --data "$DS/flickr30k/results.csv" --out "$CK/flickr30k" --device cpu \
+    --max-steps "$TRAIN_STEPS" --batch-size 8 --val-fraction 0.2 --threads 2 "${QUICK[@]}"
+log "trained in ${SECONDS}s: $(grep -o 'done: .*' "$RUN_DIR/train-small.log" | head -n 1)"
+timeout 60 "$COMPOSE" "${TRAIN_ARGS[@]}" run --rm --no-TTY --entrypoint test train -f "$CK/flickr30k/best/meta.json" \
+    </dev/null >/dev/null 2>&1 || fail "the training run left no $CK/flickr30k/best checkpoint"
+
+log "train profile: torchrun --nproc-per-node 2 of the base preset on the LLaVA-style set (1 step, DDP over gloo)"
+# --standalone: on the host's network torchrun's default rendezvous port 29500 may be taken.
+# --val-fraction 0.2: rank 0 evaluates while rank 1 waits (a distributed run with validation
+# once hung there; tests/test_train_ddp.py covers it too).
+train_step train-ddp 600 --entrypoint torchrun train --standalone --nproc-per-node 2 -m training.cli train --preset base \
+    --data "$DS/llava/blip_laion_cc_sbu_558k.json" --out "$CK/llava" --device cpu \
+    --max-steps 1 --batch-size 4 --val-fraction 0.2 --threads 1 "${QUICK[@]}"
+ddp_seconds=$SECONDS
+run_record="$(timeout 60 "$COMPOSE" "${TRAIN_ARGS[@]}" run --rm --no-TTY --entrypoint head train -n 1 "$CK/llava/metrics.jsonl" \
+    </dev/null 2>/dev/null)" || fail "the torchrun run left no $CK/llava/metrics.jsonl"
+grep -q '"world_size": 2' <<<"$run_record" || fail "the torchrun run did not train on 2 processes: $run_record"
+log "trained on 2 processes in ${ddp_seconds}s"
+
+log "train profile: clipforge index build from $CK/flickr30k/best over the data set's images"
+train_step index-build 300 --entrypoint clipforge train index build --checkpoint "$CK/flickr30k/best" \
+    --images "$DS/flickr30k/images" --out /var/lib/clipforge/index/flickr30k --device cpu --quiet
+N_IMAGES="$(find "$RUN_DIR/datasets/flickr30k/images" -name '*.jpg' | wc -l)"
+log "index built in ${SECONDS}s ($N_IMAGES images)"
+
+log "serving that model: CLIPFORGE_CHECKPOINT and CLIPFORGE_INDEX in the api's env file, docker compose up -d api"
+printf 'CLIPFORGE_CHECKPOINT=%s\nCLIPFORGE_INDEX=%s\n' "$CK/flickr30k/best" /var/lib/clipforge/index/flickr30k >>"$ENV_FILE"
+SECONDS=0
+t="$(limit 600)"
+timeout "$t" "$COMPOSE" "${COMPOSE_ARGS[@]}" up -d --no-build --wait --wait-timeout "$(( t - 10 ))" api \
+    || fail "docker compose up -d api did not reach a healthy api with the new model"
+log "api healthy on the new model after ${SECONDS}s"
+timeout "$(limit 120)" "$PY" deploy/smoke_client.py --url "http://127.0.0.1:$PORT" --expect-preset small \
+    --expect-step "$TRAIN_STEPS" --expect-index-size "$N_IMAGES" --expect-path-regex '[0-9]{3}\.jpg' --query red \
+    || fail "the api does not serve the model and index of the train profile"
+
+log "PASS: image built, stack healthy, /classify and /search answered, state kept across a restart;" \
+    "train profile: trained on 1 and 2 processes, indexed, served"

@@ -7,16 +7,19 @@ end-to-end test of the same files.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SMOKE_OVERRIDE = ROOT / "deploy" / "compose.smoke.yml"
+SMOKE_SCRIPT = ROOT / "deploy" / "compose-smoke.sh"
 ENV_EXAMPLE = ROOT / "deploy" / "clipforge.env.example"
 OWNED = [
     DOCKERFILE, ROOT / ".dockerignore", COMPOSE_FILE, ROOT / "app" / "demo.py",
@@ -215,6 +219,23 @@ def test_compose_smoke_override_puts_every_service_on_host_networking() -> None:
     assert not cfg.get("networks"), "no network may be created"
 
 
+def test_compose_smoke_override_builds_on_host_networking_and_trains_without_a_gpu() -> None:
+    """`docker compose build` on a daemon with no bridge, and the train profile on a daemon with no NVIDIA runtime."""
+    env = {"CLIPFORGE_SMOKE_ENV_FILE": str(ENV_EXAMPLE), "CLIPFORGE_SMOKE_PORT": "18123"}
+    cfg = _compose_config(COMPOSE_FILE, SMOKE_OVERRIDE, profiles=("train",), env=env)
+    for name, service in cfg["services"].items():
+        assert service["build"]["network"] == "host", name
+        assert service["build"]["args"] == {"TORCH_INDEX_URL": ""}, "the base file's build settings still apply"
+    train = cfg["services"]["train"]
+    assert not (train.get("deploy") or {}).get("resources", {}).get("reservations", {}).get("devices"), \
+        "the smoke test's daemon has no NVIDIA runtime: no GPU may be reserved"
+    assert train["entrypoint"] == ["clipforge", "train"] and train["shm_size"]
+    mounts = {v["target"]: v for v in train["volumes"]}
+    assert mounts["/var/lib/clipforge/datasets"]["read_only"]
+    api = cfg["services"]["api"]
+    assert api["deploy"]["resources"]["limits"]["memory"], "only the train service's GPU reservation is dropped"
+
+
 def test_compose_refuses_the_smoke_override_without_its_settings() -> None:
     binary = _compose_binary()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPFORGE_")}
@@ -275,23 +296,93 @@ def test_the_host_check_would_catch_a_registry_url(tmp_path: Path) -> None:
 
 
 def test_smoke_script_is_bounded_and_cleans_up() -> None:
-    script = (ROOT / "deploy" / "compose-smoke.sh").read_text()
+    script = SMOKE_SCRIPT.read_text()
     assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
-    assert os.access(ROOT / "deploy" / "compose-smoke.sh", os.X_OK)
+    assert os.access(SMOKE_SCRIPT, os.X_OK)
     assert "trap cleanup EXIT" in script
-    steps = re.compile(r'^(?:t="\$\(limit \d+\)"\s*)?(DOCKER_BUILDKIT=0 )?(timeout (?:\d+|"\$\(limit \d+\)"|"\$t") )?(docker (build|pull|import|run)|debootstrap|apt-get (install|update)'
-                       r'|"\$VENV/bin/pip" (wheel|install)|"\$COMPOSE" .* (up|down|stop)\b)')
+    steps = re.compile(r'^(?:t="\$\(limit \d+\)"\s*)?((?:[A-Z_]+=\S+ )*)(timeout (?:\d+|"\$\(limit (?:\d+|"\$\w+")\)"|"\$t") )?'
+                       r'(docker (build|pull|import|run)|debootstrap|apt-get (install|update)'
+                       r'|"\$VENV/bin/pip" (wheel|install)|"\$COMPOSE" .* (up|down|stop|build|run|ps|logs)\b)')
     found = 0
     for line in script.splitlines():
         m = steps.match(line.strip())
         if m:
             found += 1
             assert m.group(2), f"unbounded step: {line.strip()}"
-    assert found >= 10
+    assert found >= 14
+    # every Compose call, wherever it stands (in $(...), in a function, in the cleanup), is bounded
+    joined = re.sub(r"\\\n\s*", " ", script)  # continuation lines joined
+    calls = [line.strip() for line in joined.splitlines() if '"$COMPOSE" "${' in line and not line.strip().startswith("#")]
+    assert len(calls) >= 15
+    for line in calls:
+        bounded = re.search(r'timeout (?:\d+|"\$\(limit (?:\d+|"\$\w+")\)"|"\$t") "\$COMPOSE" ', line)
+        assert bounded, f"unbounded Compose call: {line}"
+    # one-off containers never wait on a terminal: under `timeout` a TTY read would stop the script
+    for line in calls:
+        if re.search(r'\brun --rm\b', line):
+            assert "--no-TTY" in line and "</dev/null" in line, line
+    # the cleanup takes down the train profile's one-off containers too
+    cleanup = script[script.index("cleanup() {"):script.index("trap cleanup EXIT")]
+    assert '"${TRAIN_ARGS[@]}" down -v --remove-orphans' in cleanup
+    assert 'TRAIN_ARGS=("${COMPOSE_ARGS[@]}" --profile train)' in script
+    assert script.index("TRAIN_ARGS=(") < script.index("COMPOSE_STARTED=1"), "the cleanup may need TRAIN_ARGS"
     assert "DEADLINE=" in script, "an overall budget bounds the sum of the steps"
     assert "--iptables=false" in script and "--bridge=none" in script
-    result = subprocess.run(["bash", "-n", str(ROOT / "deploy" / "compose-smoke.sh")], check=False, capture_output=True, text=True)
+    result = subprocess.run(["bash", "-n", str(SMOKE_SCRIPT)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# README command (how it starts) -> what deploy/compose-smoke.sh must run for it (a regex over the script)
+_README_COMPOSE_IN_SMOKE = {
+    "docker compose up -d api": r'"\$\{COMPOSE_ARGS\[@\]\}" up -d --no-build --wait .* api \\?$',
+    "docker compose up -d": r'"\$\{COMPOSE_ARGS\[@\]\}" up --detach --no-build --wait ',
+    "docker compose ps": r'"\$\{COMPOSE_ARGS\[@\]\}" ps\)',
+    "docker compose build":
+        r'^DOCKER_BUILDKIT=0 COMPOSE_BAKE=false timeout "\$\(limit \d+\)" "\$COMPOSE" "\$\{COMPOSE_ARGS\[@\]\}" build ',
+    "docker compose --profile train run --rm train --preset small":
+        r'^train_step \S+ \d+ train --preset small --data "\$DS/flickr30k/results\.csv" --out "\$CK/flickr30k" --device cpu',
+    "docker compose --profile train run --rm --entrypoint torchrun train --nproc-per-node":
+        r'^train_step \S+ \d+ --entrypoint torchrun train --standalone --nproc-per-node 2 -m training\.cli train --preset base',
+    "docker compose --profile train run --rm --entrypoint clipforge train index build":
+        r'^train_step \S+ \d+ --entrypoint clipforge train index build --checkpoint "\$CK/flickr30k/best"',
+}
+# README commands the smoke test cannot run, and why
+_README_COMPOSE_NOT_IN_SMOKE = {
+    "docker compose -f docker-compose.yml -f deploy/compose.gpu.yml up -d":
+        "needs an NVIDIA runtime; test_compose_gpu_override_gives_the_api_one_gpu checks its configuration",
+}
+
+
+def _readme_compose_commands() -> list[str]:
+    """Every `docker compose ...` command of the README's deployment section (code blocks and inline code)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Deployment with Docker Compose"):text.index("### Testing the deployment")]
+    commands = []
+    for match in re.finditer(r"docker compose[^`\n#]*", section):
+        commands.append(" ".join(match.group(0).split()))
+    return commands
+
+
+def test_every_readme_compose_command_is_run_by_the_smoke_test() -> None:
+    """Our rule: each command the README gives operators is exercised, here by `make compose-smoke`."""
+    script = SMOKE_SCRIPT.read_text()
+    lines = [line.strip() for line in script.splitlines()]
+    commands = _readme_compose_commands()
+    assert len(commands) >= 8, commands
+    covered = set()
+    for command in commands:
+        if any(command.startswith(known) for known in _README_COMPOSE_NOT_IN_SMOKE):
+            continue
+        key = max((k for k in _README_COMPOSE_IN_SMOKE if command == k or command.startswith(k + " ")), key=len, default=None)
+        assert key is not None, f"README command not exercised by deploy/compose-smoke.sh: {command}"
+        pattern = re.compile(_README_COMPOSE_IN_SMOKE[key])
+        assert any(pattern.search(line) for line in lines), f"{command!r}: the smoke script does not run {pattern.pattern}"
+        covered.add(key)
+    assert covered == set(_README_COMPOSE_IN_SMOKE), f"stale entries: {set(_README_COMPOSE_IN_SMOKE) - covered}"
+    # the train profile's runs go through `--profile train run --rm`, and the api is pointed at what they made
+    assert re.search(r'"\$COMPOSE" "\$\{TRAIN_ARGS\[@\]\}" run --rm --no-TTY "\$@"', script)
+    assert "CLIPFORGE_CHECKPOINT=%s\\nCLIPFORGE_INDEX=%s" in script and '>>"$ENV_FILE"' in script
+    assert "--write-datasets" in script
 
 
 def test_smoke_script_skips_with_a_reason_where_it_cannot_start_an_engine() -> None:
@@ -313,3 +404,67 @@ def test_compose_gpu_override_gives_the_api_one_gpu() -> None:
     (device,) = api["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["count"] == 1
     assert api["deploy"]["resources"]["limits"]["memory"], "the base file's limits still apply"
+
+
+# ------------------------------------------------------------------------- the smoke client
+def _smoke_client() -> Any:
+    spec = importlib.util.spec_from_file_location("smoke_client_for_files", ROOT / "deploy" / "smoke_client.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_data_sets_are_read_by_the_training_loaders(tmp_path: Path) -> None:
+    """What the smoke's train profile trains on: Flickr30k's results.csv and LLaVA's JSON, readable by uid 10001."""
+    from training.data.load import load_records
+    from training.data.spec import parse_data_spec
+
+    client = _smoke_client()
+    paths = client.write_datasets(tmp_path / "datasets", n=12)
+    assert paths["flickr30k"].read_text().splitlines()[0] == "image_name| comment_number| comment"
+    flickr = load_records(parse_data_spec(str(paths["flickr30k"])))
+    llava = load_records(parse_data_spec(str(paths["llava"])))
+    assert parse_data_spec(str(paths["flickr30k"])).kind == "flickr30k" and parse_data_spec(str(paths["llava"])).kind == "llava"
+    assert len(flickr.records) == len(llava.records) == 12
+    assert flickr.records[0].captions[0] == "a red circle" and len(flickr.records[0].captions) == 3
+    assert all(Path(r.image).is_file() for r in flickr.records + llava.records)
+    for path in [tmp_path / "datasets", *(tmp_path / "datasets").rglob("*")]:
+        mode = path.stat().st_mode
+        assert mode & stat.S_IROTH and (not path.is_dir() or mode & stat.S_IXOTH), path
+
+
+def _fake_service(preset: str = "small", step: int = 2, size: int = 40, path: str = "017.jpg") -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/readyz":
+            return httpx.Response(200, json={"status": "ready", "model": True, "index": True})
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"preset": preset, "step": step, "model": "abc123", "dim": 384,
+                                             "index": {"size": size}})
+        if request.url.path == "/search":
+            assert request.url.params["q"] == "red"
+            return httpx.Response(200, json={"query": "red", "model": "abc123", "results": [
+                {"id": 3, "score": 0.5, "path": path, "url": "/images/3"}]})
+        if request.url.path == "/images/3":
+            return httpx.Response(200, content=b"\xff\xd8jpeg", headers={"content-type": "image/jpeg"})
+        return httpx.Response(404, json={})
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize(("fake", "error"), [
+    ({}, None),
+    ({"preset": "shapes-64"}, "preset"),
+    ({"step": 5}, "step"),
+    ({"size": 900}, "index of"),
+    ({"path": "images/heldout/000291.png"}, "not an image of the expected index"),
+])
+def test_smoke_client_checks_what_the_train_profile_serves(fake: dict[str, Any], error: str | None) -> None:
+    client = _smoke_client()
+    served = client.Served(preset="small", step=2, index_size=40, path_regex=r"[0-9]{3}\.jpg", query="red")
+    with httpx.Client(base_url="http://smoke.example", transport=_fake_service(**fake)) as http:
+        if error is None:
+            assert "preset small, step 2" in client.check_served(http, served)
+        else:
+            with pytest.raises(client.SmokeFailure, match=error):
+                client.check_served(http, served)
