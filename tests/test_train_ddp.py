@@ -83,3 +83,27 @@ def test_ddp_with_a_validation_split_evaluates_on_rank_zero_and_finishes(tmp_pat
     evals = [r for r in records if "val_loss" in r]
     assert evals and all(r["val_loss"] > 0 for r in evals)
     assert (tmp_path / "ddp" / "best" / "meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_ranks_share_one_clock_for_the_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-minutes under DDP: rank 1's clock runs 4x fast here (a sitecustomize in its interpreter),
+    so on its own it would stop steps before rank 0 and leave rank 0 alone in the next step's
+    collective. With one shared clock (the slowest rank's view of the time) both stop together."""
+    skew = tmp_path / "skew"
+    skew.mkdir()
+    (skew / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    _real = time.monotonic\n"
+        "    _t0 = _real()\n"
+        "    time.monotonic = lambda: _t0 + 4.0 * (_real() - _t0)\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(skew), os.environ.get("PYTHONPATH")])))
+    data = write_caption_data(tmp_path / "data", n=40)
+    _torchrun(base_config(data, tmp_path / "ddp", max_minutes=0.1, epochs=10_000, log_every=1, val_fraction=0.0),
+              tmp_path / "ddp.toml", timeout=150)
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r for r in records if r["kind"] == "train"]
+    assert train_steps and train_steps[-1]["elapsed_s"] < 6 * 0.9, "stopped on the fast clock, well before 6 s"

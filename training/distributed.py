@@ -41,13 +41,18 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
 
         raise ClipforgeError("device cuda was requested but no CUDA GPU is available")
     if use_cuda:
-        index = int(device_pref.split(":")[1]) if ":" in device_pref else local % max(1, torch.cuda.device_count())
+        # Under torchrun each rank takes its own GPU, whatever index --device names (cuda:0 on
+        # every rank would put all of them on one GPU, which NCCL refuses).
+        explicit = ":" in device_pref and world == 1
+        index = int(device_pref.split(":")[1]) if explicit else local % max(1, torch.cuda.device_count())
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Rank 0 alone evaluates, trains the tokenizer and saves checkpoints while the others
+        # wait in a collective: a long evaluation must not trip the default 10-minute timeout.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
     return DistInfo(rank, world, local), device
 
 
@@ -75,6 +80,14 @@ def all_reduce_min(value: int, info: DistInfo, device: torch.device) -> int:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:

@@ -28,6 +28,7 @@ from model.errors import ClipforgeError, ConfigError
 
 from .config import TrainConfig, load_saved_config
 from .distributed import (
+    all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
     barrier,
@@ -275,7 +276,7 @@ class Trainer:
 
     def _train_step(self, batch: dict) -> dict[str, float]:
         cfg = self.cfg
-        time_fraction = self._elapsed() / (cfg.max_minutes * 60) if cfg.max_minutes else None
+        time_fraction = self.clock / (cfg.max_minutes * 60) if cfg.max_minutes else None
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr, time_fraction)
         set_lr(self.optimizer, lr)
         pixels, ids, groups = self._batch_to_device(batch)
@@ -322,6 +323,9 @@ class Trainer:
                                        "total_steps": self.total_steps, "params": self.model.num_params()["total"],
                                        "world_size": info.world_size, "device": str(self.device)})
         self.start_time = time.monotonic()
+        # The time budget is read from one clock shared by all ranks (the slowest rank's), so
+        # every rank stops at the same step and follows the same learning-rate schedule.
+        self.clock = self.elapsed_before
         self.window = [time.monotonic(), 0, 0]  # start, samples, steps
         stop = False
         while self.step < self.total_steps and not stop:
@@ -338,7 +342,9 @@ class Trainer:
                     break
                 stats = self._one_step(batch)
                 epoch_end = spe is not None and self.batch_in_epoch >= spe
-                timed_out = cfg.max_minutes is not None and self._elapsed() >= cfg.max_minutes * 60
+                if cfg.max_minutes is not None:
+                    self.clock = all_reduce_max(self._elapsed(), info, self.device)
+                timed_out = cfg.max_minutes is not None and self.clock >= cfg.max_minutes * 60
                 finished = self.step >= self.total_steps or timed_out
                 progress.update(1, loss=stats["loss"], lr=stats["lr"], temp=stats["temperature"],
                                 sps=self.window[1] / max(1e-9, time.monotonic() - self.window[0]))
