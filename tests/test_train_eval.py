@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import shutil
 from pathlib import Path
 
@@ -33,10 +35,34 @@ def test_recall_with_five_captions_per_image() -> None:
     assert m["i2t_r1"] == pytest.approx(2 / 3)
     assert m["i2t_r2"] == pytest.approx(2 / 3)
     assert m["i2t_r5"] == pytest.approx(1.0)
-    # text queries: caption 0 and image 1's five are right at 1; the other nine rank their image second
+    # text queries: caption 0 and image 1's five are right at 1; image 2's five rank it second; image 0's
+    # four (0, 0, 1) score image 2 higher and image 1 equal to their own (0 = 0): a tie counts against, third
     assert m["t2i_r1"] == pytest.approx(6 / 15)
-    assert m["t2i_r2"] == pytest.approx(1.0)
-    assert m["recall_mean"] == pytest.approx((2 / 3 + 2 / 3 + 1 + 6 / 15 + 1 + 1) / 6)
+    assert m["t2i_r2"] == pytest.approx(11 / 15)
+    assert m["t2i_r5"] == pytest.approx(1.0)
+    assert m["recall_mean"] == pytest.approx((2 / 3 + 2 / 3 + 1 + 6 / 15 + 11 / 15 + 1) / 6)
+
+
+def test_collapsed_or_nan_embeddings_never_score_well() -> None:
+    """A diverged run must not look perfect: ties count against, NaN gives NaN (then never "best")."""
+    owner = torch.arange(20)
+    same = F.normalize(torch.ones(20, 4), dim=1)
+    m = retrieval_metrics(same, same.clone(), owner, ks=(1, 5))
+    assert m["i2t_r1"] == 0.0 and m["t2i_r5"] == 0.0
+    nan = torch.full((20, 4), float("nan"))
+    m = retrieval_metrics(nan, nan, owner)
+    assert all(math.isnan(v) for v in m.values())
+
+
+def test_identical_caption_strings_count_as_right_for_each_other() -> None:
+    """Two cat photos captioned "a photo of a cat": each caption is a right answer for both images."""
+    images = _unit((1, 0, 0), (0.9, 0.1, 0), (0, 0, 1))
+    captions = _unit((0.95, 0.05, 0), (0.95, 0.05, 0), (0, 0, 1))  # the same text twice, then a dog
+    owner = torch.tensor([0, 1, 2])
+    plain = retrieval_metrics(images, captions, owner, ks=(1,))
+    assert plain["i2t_r1"] < 1.0 and plain["t2i_r1"] < 1.0  # identical embeddings tie: one of each pair loses
+    grouped = retrieval_metrics(images, captions, owner, ks=(1,), text_group=torch.tensor([0, 0, 1]))
+    assert grouped["i2t_r1"] == 1.0 and grouped["t2i_r1"] == 1.0
 
 
 def test_recall_chunking_matches_single_pass() -> None:

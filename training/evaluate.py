@@ -23,35 +23,46 @@ from model.image import DEFAULT_MAX_PIXELS
 # --------------------------------------------------------------------------- pure metrics
 def retrieval_metrics(
     image_emb: torch.Tensor, text_emb: torch.Tensor, text_owner: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
-    chunk: int = 1024,
+    chunk: int = 1024, text_group: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k for image->text and text->image. text_owner[j] is the image index of caption j.
 
-    Ranks count strictly better-scored candidates, so ties favour the right answer.
+    text_group[j] (optional) numbers identical caption strings alike: the same words cannot
+    tell their images apart, so a caption identical to one of an image's own counts as right
+    for it, both ways (with class-template captions most captions are shared). A rank is the
+    number of wrong candidates scored at least as high as the best right one: ties count
+    against, so a collapsed model (all embeddings equal) scores chance, not 1.0. Non-finite
+    embeddings give NaN metrics, never a perfect score.
     """
     n, m = image_emb.shape[0], text_emb.shape[0]
+    names = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in ks]
+    if not (torch.isfinite(image_emb).all() and torch.isfinite(text_emb).all()):
+        return {**{name: float("nan") for name in names}, "recall_mean": float("nan")}
     text_owner = text_owner.long()
+    group = torch.arange(m) if text_group is None else text_group.long()
+    n_groups = int(group.max()) + 1 if m else 1
+    # (image, caption group) pairs that are right answers, as sorted keys for isin
+    right = torch.unique(text_owner * n_groups + group)
     i2t_rank = torch.empty(n, dtype=torch.long)
     t2i_rank = torch.empty(m, dtype=torch.long)
-    own = torch.zeros(n, m, dtype=torch.bool) if n * m <= 4_000_000 else None
     for start in range(0, n, chunk):
         sims = image_emb[start : start + chunk].float() @ text_emb.float().t()  # (c, M)
         rows = torch.arange(start, min(start + chunk, n))
-        mine = text_owner.unsqueeze(0) == rows.unsqueeze(1)  # (c, M)
-        best_own = sims.masked_fill(~mine, float("-inf")).max(dim=1).values
-        i2t_rank[rows] = (sims > best_own.unsqueeze(1)).sum(dim=1)
-        if own is not None:
-            own[rows] = mine
+        ok = torch.isin(rows.unsqueeze(1) * n_groups + group.unsqueeze(0), right)  # (c, M)
+        best = sims.masked_fill(~ok, float("-inf")).max(dim=1).values
+        i2t_rank[rows] = ((sims >= best.unsqueeze(1)) & ~ok).sum(dim=1)
+    images = torch.arange(n)
     for start in range(0, m, chunk):
         sims = text_emb[start : start + chunk].float() @ image_emb.float().t()  # (c, N)
         cols = torch.arange(start, min(start + chunk, m))
-        target = sims[torch.arange(len(cols)), text_owner[cols]]
-        t2i_rank[cols] = (sims > target.unsqueeze(1)).sum(dim=1)
+        ok = torch.isin(images.unsqueeze(0) * n_groups + group[cols].unsqueeze(1), right)  # (c, N)
+        best = sims.masked_fill(~ok, float("-inf")).max(dim=1).values
+        t2i_rank[cols] = ((sims >= best.unsqueeze(1)) & ~ok).sum(dim=1)
     out: dict[str, float] = {}
     for k in ks:
         out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean()) if n else 0.0
         out[f"t2i_r{k}"] = float((t2i_rank < k).float().mean()) if m else 0.0
-    out["recall_mean"] = float(np.mean([out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks]))
+    out["recall_mean"] = float(np.mean([out[name] for name in names]))
     return out
 
 
@@ -167,20 +178,23 @@ def evaluate(
         out: dict[str, Any] = {"n_images": len(kept), "n_bad": n_bad}
         if not kept:
             return out
-        texts, owner = [], []
+        texts, owner, first = [], [], []
         for j, r in enumerate(kept):
+            first.append(len(texts))
             texts.extend(r.captions)
             owner.extend([j] * len(r.captions))
         text_emb = embed_texts(model, tokenizer, texts, device, batch_size, autocast_dtype)
         owner_t = torch.tensor(owner)
-        first_caption = torch.tensor([owner.index(j) for j in range(len(kept))]) if kept else torch.zeros(0, dtype=torch.long)
+        first_caption = torch.tensor(first, dtype=torch.long)
         out["n_captions"] = len(texts)
         out.update(contrastive_val_loss(img_emb, text_emb[first_caption], model.scale().detach().float().cpu(), loss_batch_size))
         labelled = bool(class_names) and all(r.label is not None for r in kept)
         if retrieval is None:
             retrieval = not labelled
         if retrieval:
-            out.update(retrieval_metrics(img_emb, text_emb, owner_t))
+            ids: dict[str, int] = {}
+            text_group = torch.tensor([ids.setdefault(t, len(ids)) for t in texts], dtype=torch.long)
+            out.update(retrieval_metrics(img_emb, text_emb, owner_t, text_group=text_group))
         if labelled:
             cls_emb = class_embeddings(model, tokenizer, class_names, templates, device).float()
             labels = torch.tensor([r.label for r in kept])
