@@ -45,3 +45,12 @@ def test_bad_search_space_is_one_line_error(tmp_path: Path, capsys) -> None:
     code = clipforge_cli.main(["tune", "--data", "x", "--out", str(tmp_path / "t"), "--space", str(space)])
     assert code == 2
     assert "unknown search-space key(s)" in capsys.readouterr().err
+
+
+def test_tune_under_torchrun_is_refused(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank would draw its own trial; the study runs in one process, and says so."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = clipforge_cli.main(["tune", "--data", "x", "--out", str(tmp_path / "t")])
+    assert code == 2
+    assert "without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -120,6 +120,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- tune
 def cmd_tune(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each rank would draw its own trial (different model shapes) and only rank 0 sees the metrics.
+        raise ClipforgeError("clipforge tune runs trials in one process; run it without torchrun")
     cfg = load_config(args.config, _given_overrides(args))
     from .tune import SearchSpace, run_study
 
