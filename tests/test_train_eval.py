@@ -92,6 +92,17 @@ def test_val_loss_and_in_batch_accuracy() -> None:
     assert swapped["val_i2t_acc"] == pytest.approx(0.5) and swapped["val_loss"] > 10
 
 
+def test_val_loss_counts_identical_captions_as_matches() -> None:
+    """Images 0 and 1 share the caption "a photo of a cat": picking either is right, as in training."""
+    images = torch.eye(4)
+    texts = torch.eye(4)[[0, 0, 2, 3]]  # the same text embedding for both cat images
+    plain = contrastive_val_loss(images, texts, torch.tensor(100.0), batch_size=4)
+    grouped = contrastive_val_loss(images, texts, torch.tensor(100.0), batch_size=4, groups=torch.tensor([0, 0, 1, 2]))
+    # text 1 is the cat text: image 0 is as right an answer for it as image 1
+    assert plain["val_t2i_acc"] == pytest.approx(0.75) and grouped["val_t2i_acc"] == 1.0
+    assert grouped["val_i2t_acc"] == 1.0 and math.isfinite(grouped["val_loss"])
+
+
 def test_template_ensembling_is_normalised_mean(tiny_checkpoint: Path) -> None:
     model, tokenizer, _ = load_checkpoint(tiny_checkpoint)
     names, templates = ["circle", "square"], ["a photo of a {}.", "a {}", "{} drawn"]

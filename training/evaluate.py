@@ -133,21 +133,27 @@ def embed_texts(
 
 
 def contrastive_val_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, batch_size: int
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, batch_size: int,
+    groups: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean CLIP loss and in-batch i2t/t2i accuracy over consecutive batches of paired embeddings."""
+    """Mean CLIP loss and in-batch i2t/t2i accuracy over consecutive batches of paired embeddings.
+
+    groups[i] numbers identical caption strings alike, as the training loss does by default:
+    pairs with the same caption are matches of each other, for the loss and the accuracy.
+    """
     losses, weights, i2t, t2i = [], [], 0.0, 0.0
     n = image_emb.shape[0]
+    groups = torch.arange(n) if groups is None else groups.long()
     for start in range(0, n, batch_size):
         img, txt = image_emb[start : start + batch_size], text_emb[start : start + batch_size]
+        g = groups[start : start + batch_size]
         if img.shape[0] < 2 and n >= 2:
             continue  # a trailing single pair has a trivial loss
-        losses.append(float(clip_loss(img, txt, logit_scale, gather=False)))  # rank 0 evaluates alone
+        losses.append(float(clip_loss(img, txt, logit_scale, g, gather=False)))  # rank 0 evaluates alone
         weights.append(img.shape[0])
         logits = img @ txt.t()
-        target = torch.arange(img.shape[0])
-        i2t += float((logits.argmax(dim=1) == target).sum())
-        t2i += float((logits.argmax(dim=0) == target).sum())
+        i2t += float((g[logits.argmax(dim=1)] == g).sum())
+        t2i += float((g[logits.argmax(dim=0)] == g).sum())
     total = max(1, sum(weights))
     return {
         "val_loss": float(np.average(losses, weights=weights)) if losses else float("nan"),
@@ -187,13 +193,14 @@ def evaluate(
         owner_t = torch.tensor(owner)
         first_caption = torch.tensor(first, dtype=torch.long)
         out["n_captions"] = len(texts)
-        out.update(contrastive_val_loss(img_emb, text_emb[first_caption], model.scale().detach().float().cpu(), loss_batch_size))
+        ids: dict[str, int] = {}
+        text_group = torch.tensor([ids.setdefault(t, len(ids)) for t in texts], dtype=torch.long)
+        out.update(contrastive_val_loss(img_emb, text_emb[first_caption], model.scale().detach().float().cpu(),
+                                        loss_batch_size, groups=text_group[first_caption]))
         labelled = bool(class_names) and all(r.label is not None for r in kept)
         if retrieval is None:
             retrieval = not labelled
         if retrieval:
-            ids: dict[str, int] = {}
-            text_group = torch.tensor([ids.setdefault(t, len(ids)) for t in texts], dtype=torch.long)
             out.update(retrieval_metrics(img_emb, text_emb, owner_t, text_group=text_group))
         if labelled:
             cls_emb = class_embeddings(model, tokenizer, class_names, templates, device).float()
