@@ -126,9 +126,12 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                       f"+{rss_mb() - before_half:.0f} MiB RSS", flush=True)
                 settings = [None, "half"]
             for value, factor in [(v, f) for v in settings for f in factors]:
-                knobs = {knob_name: value} if knob_name else {}
                 if value == "half":
-                    knobs, knob_name = {"half_scan": half}, "single_query_scan"
+                    knob, knobs = "single_query_scan", {"half_scan": half}
+                    label = "exact, fp16 scan"  # batches of 64 still take the float32 BLAS path
+                else:
+                    knob, knobs = knob_name, ({knob_name: value} if knob_name else {})
+                    label = (f"{knob_name}={value}" if knob_name else "exact") + (f" refine={factor}" if factor else "")
                 query_params = {**resolved, "refine_k_factor": factor} if factor else resolved
                 rec = recall_at_10(index, kind, query_params, xq, truth, **knobs)
                 runs1 = min(args.queries, args.single_runs)
@@ -136,16 +139,13 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                 p50_64, p99_64 = time_queries(index, kind, query_params, xq, 64, args.batch_runs, **knobs)
                 row = {
                     "n": n, "dim": args.dim, "intrinsic_dim": args.intrinsic_dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
-                    "rss_mib": round(mem, 1), "index_mib": round(size_mb, 1), "knob": knob_name, "value": value,
+                    "rss_mib": round(mem, 1), "index_mib": round(size_mb, 1), "knob": knob, "value": value,
                     "refine_k_factor": factor,
                     "recall@10": round(rec, 4), "p50_ms_b1": round(p50_1, 3), "p99_ms_b1": round(p99_1, 3),
                     "p50_ms_b64": round(p50_64, 3), "p99_ms_b64": round(p99_64, 3),
                     "params": {k: v for k, v in resolved.items() if k in ("hnsw_m", "ef_construction", "nlist", "pq_m", "pq_nbits")},
                 }
                 rows.append(row)
-                label = (f"{knob_name}={value}" if knob_name else "exact") + (f" refine={factor}" if factor else "")
-                if value == "half":
-                    label = "exact, fp16 scan"  # batches of 64 still take the float32 BLAS path
                 print(f"  {label:24s} recall@10 {rec:.3f}  batch1 p50 {p50_1:8.3f} ms p99 {p99_1:8.3f} ms   "
                       f"batch64 p50 {p50_64:8.2f} ms p99 {p99_64:8.2f} ms", flush=True)
             save(rows)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +22,17 @@ CAPTIONS = [
     for color in ("red", "blue", "green", "yellow", "purple", "orange")
     for shape in ("circle", "square", "triangle")
 ]
+
+
+@pytest.fixture(scope="session")
+def smoke_client() -> Any:
+    """deploy/smoke_client.py (a script, not a package) loaded as a module."""
+    spec = importlib.util.spec_from_file_location("smoke_client", ROOT / "deploy" / "smoke_client.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

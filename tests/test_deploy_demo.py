@@ -9,7 +9,6 @@ build`, the service is a real `clipforge serve`, and deploy/smoke_client.py call
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,11 +25,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("CLIPFORGE_")}, "PYTHONUNBUFFERED": "1"}
 
-_spec = importlib.util.spec_from_file_location("smoke_client", ROOT / "deploy" / "smoke_client.py")
-assert _spec is not None and _spec.loader is not None
-smoke_client = importlib.util.module_from_spec(_spec)
-sys.modules["smoke_client"] = smoke_client  # dataclasses look their module up there
-_spec.loader.exec_module(smoke_client)
 
 
 def _clipforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -105,7 +100,7 @@ def test_reuses_the_model_and_builds_then_reuses_the_index(workdir: Path) -> Non
     assert "reusing the index" in second.stdout and "index build" not in second.stdout
 
 
-def test_serves_until_sigterm_and_answers_like_the_deployment(workdir: Path) -> None:
+def test_serves_until_sigterm_and_answers_like_the_deployment(workdir: Path, smoke_client: Any) -> None:
     port = _free_port()
     # `clipforge demo --port 8080 --host 0.0.0.0`, as the README shows it: the banner still names a loopback URL
     demo = subprocess.Popen([sys.executable, "-m", "clipforge_cli", "demo", "--workdir", str(workdir), "--port", str(port),

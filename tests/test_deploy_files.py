@@ -7,7 +7,6 @@ end-to-end test of the same files.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -407,21 +406,12 @@ def test_compose_gpu_override_gives_the_api_one_gpu() -> None:
 
 
 # ------------------------------------------------------------------------- the smoke client
-def _smoke_client() -> Any:
-    spec = importlib.util.spec_from_file_location("smoke_client_for_files", ROOT / "deploy" / "smoke_client.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_smoke_data_sets_are_read_by_the_training_loaders(tmp_path: Path) -> None:
+def test_smoke_data_sets_are_read_by_the_training_loaders(tmp_path: Path, smoke_client: Any) -> None:
     """What the smoke's train profile trains on: Flickr30k's results.csv and LLaVA's JSON, readable by uid 10001."""
     from training.data.load import load_records
     from training.data.spec import parse_data_spec
 
-    client = _smoke_client()
+    client = smoke_client
     paths = client.write_datasets(tmp_path / "datasets", n=12)
     assert paths["flickr30k"].read_text().splitlines()[0] == "image_name| comment_number| comment"
     flickr = load_records(parse_data_spec(str(paths["flickr30k"])))
@@ -459,8 +449,9 @@ def _fake_service(preset: str = "small", step: int = 2, size: int = 40, path: st
     ({"size": 900}, "index of"),
     ({"path": "images/heldout/000291.png"}, "not an image of the expected index"),
 ])
-def test_smoke_client_checks_what_the_train_profile_serves(fake: dict[str, Any], error: str | None) -> None:
-    client = _smoke_client()
+def test_smoke_client_checks_what_the_train_profile_serves(fake: dict[str, Any], error: str | None,
+                                                            smoke_client: Any) -> None:
+    client = smoke_client
     served = client.Served(preset="small", step=2, index_size=40, path_regex=r"[0-9]{3}\.jpg", query="red")
     with httpx.Client(base_url="http://smoke.example", transport=_fake_service(**fake)) as http:
         if error is None:

@@ -74,28 +74,25 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_min(value: int, info: DistInfo, device: torch.device) -> int:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
-def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+def _all_reduce(values: list[float], op: dist.ReduceOp, info: DistInfo, device: torch.device) -> list[float]:
+    """One collective over a few scalars (float64 holds the int counts exactly)."""
     if not info.enabled:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_min(value: int, info: DistInfo, device: torch.device) -> int:
+    return int(_all_reduce([float(value)], dist.ReduceOp.MIN, info, device)[0])
+
+
+def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
+    return _all_reduce([value], dist.ReduceOp.MAX, info, device)[0]
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    return _all_reduce(values, dist.ReduceOp.SUM, info, device)
 
 
 class GlobalBatchSampler(Sampler[int]):
