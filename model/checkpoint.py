@@ -133,6 +133,24 @@ def update_meta(directory: str | Path, **changes: Any) -> dict[str, Any]:
     return meta
 
 
+def check_tokenizer(tokenizer: CLIPTokenizer, cfg: CLIPConfig) -> None:
+    """Refuse a tokenizer the model cannot read: ids past its embedding, rows longer than its
+    context, or special tokens where the text tower does not look for them (wrong EOT pooling)."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    if tokenizer.max_length > cfg.max_seq_len:
+        raise CheckpointError(
+            f"tokenizer max_length {tokenizer.max_length} exceeds the model's max_seq_len {cfg.max_seq_len}"
+        )
+    for field, tok_id in (("pad_token_id", tokenizer.pad_id), ("sot_token_id", tokenizer.sot_id),
+                          ("eot_token_id", tokenizer.eot_id)):
+        if getattr(cfg, field) != tok_id:
+            raise CheckpointError(
+                f"tokenizer {field.removesuffix('_token_id')} id is {tok_id} but the config's {field} is "
+                f"{getattr(cfg, field)}"
+            )
+
+
 def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu", verify: bool = True, img_size: int | None = None
 ) -> tuple[CLIP, CLIPTokenizer, dict[str, Any]]:
@@ -167,8 +185,7 @@ def load_checkpoint(
         tokenizer = CLIPTokenizer.load(directory / TOKENIZER)
     except Exception as exc:  # tokenizers raises plain Exception subclasses on bad JSON
         raise CheckpointError(f"{directory / TOKENIZER} is not a valid tokenizer: {exc}") from exc
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    check_tokenizer(tokenizer, cfg)
     try:
         state = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -64,22 +64,28 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, draft_
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode (RGBA, LA, P, L, CMYK, I;16, I, F) to 8-bit RGB; transparency composited over white."""
+    """Any mode (RGBA, LA, La, PA, P, L, CMYK, I;16, I, F) to 8-bit RGB; transparency composited over white."""
     if img.mode == "RGB":
         return img
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode == "La":  # premultiplied; PIL converts it only to LA
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode.startswith("I") or img.mode == "F":
-        # 16/32-bit integer or float: rescale the actual value range to 0-255.
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        if img.mode.startswith("I;16") or (img.mode == "I" and hi > 255):
-            arr = arr / (65535.0 if hi > 255 else 255.0) * 255.0
+        if img.mode.startswith("I;16"):
+            # A fixed 16-bit scale: a dark 16-bit photo must stay dark whatever its brightest pixel.
+            arr = arr * (255.0 / 65535.0)
+        elif img.mode == "I" and hi > 255:
+            # 32-bit "I" carries no bit depth (8-bit data converted to I, 16-bit TIFFs), so guess from the range.
+            arr = arr * (255.0 / 65535.0)
         elif hi > lo and img.mode == "F":
+            # Float data has no natural scale: stretch its actual range to 0-255.
             arr = (arr - lo) / (hi - lo) * 255.0
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")

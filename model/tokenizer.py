@@ -1,7 +1,7 @@
 """A byte-level BPE tokenizer trained with Hugging Face `tokenizers` on captions.
 
 Byte-level means every string (emoji, CJK, control characters) has an encoding, so
-encoding never fails; the special tokens take ids 0-2 to match CLIPConfig's defaults.
+encoding never fails; training gives the special tokens ids 0-2 to match CLIPConfig's defaults.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, SOT, EOT]  # ids 0, 1, 2
-# Longer inputs are cut (in characters) before BPE: 64 tokens never need more, and it
-# keeps a 1 MB query from costing a 1 MB BPE pass.
+# Longer inputs are cut (in characters, after normalising) before BPE: 64 tokens never
+# need more, and it keeps a 1 MB query from costing a 1 MB BPE pass.
 _MAX_CHARS_PER_TOKEN = 64
+# How far into a long input the normaliser may read looking for text (whitespace runs
+# collapse to nothing); past this, the rest is ignored so any query stays cheap.
+_MAX_SCAN_CHARS = 1_000_000
 
 
 def clean_text(text: str) -> str:
@@ -55,10 +58,15 @@ class CLIPTokenizer:
             raise ValueError("max_length must be at least 3 (start, one token, end)")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if tokenizer.token_to_id(tok) != i:
-                raise ValueError(f"tokenizer must map {tok} to id {i}")
-        self.pad_id, self.sot_id, self.eot_id = 0, 1, 2
+        # Read the special ids rather than assume 0-2, so a checkpoint whose tokenizer and
+        # config disagree is reported by the config field (see checkpoint.check_tokenizer).
+        ids = [tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS]
+        for tok, i in zip(SPECIAL_TOKENS, ids):
+            if i is None:
+                raise ValueError(f"tokenizer has no {tok} token")
+        if len(set(ids)) != 3:
+            raise ValueError("tokenizer's pad, start and end tokens must have distinct ids")
+        self.pad_id, self.sot_id, self.eot_id = ids
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{SOT} $A {EOT}", special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)]
         )
@@ -96,9 +104,26 @@ class CLIPTokenizer:
             texts = [texts]
         if not texts:
             return torch.zeros((0, 2), dtype=torch.long)
-        cut = self.max_length * _MAX_CHARS_PER_TOKEN
-        encodings = self.tokenizer.encode_batch([clean_text(t[:cut]) for t in texts])
+        encodings = self.tokenizer.encode_batch([self._head(t) for t in texts])
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+
+    def _head(self, text: str) -> str:
+        """The start of `text` that can fill max_length tokens, cut after normalising.
+
+        Cutting the raw string would let what the normaliser removes (2000 leading spaces)
+        use up the budget. The window doubles until its normalised form is long enough, so
+        the work stays proportional to the text actually kept.
+        """
+        cut = self.max_length * _MAX_CHARS_PER_TOKEN
+        norm = self.tokenizer.normalizer
+        if len(text) <= cut or norm is None:
+            return clean_text(text[:cut])
+        window = cut
+        while True:
+            head = norm.normalize_str(clean_text(text[:window]))
+            if len(head) >= cut or window >= min(len(text), _MAX_SCAN_CHARS):
+                return head[:cut]  # normalising it again in encode_batch changes nothing
+            window = min(2 * window, _MAX_SCAN_CHARS)
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):

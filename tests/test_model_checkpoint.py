@@ -238,3 +238,38 @@ def test_tokenizer_larger_than_the_model_vocab(copy: Path) -> None:
     (copy / "config.json").write_text(json.dumps({**cfg, "vocab_size": 10}))
     _rehash(copy)
     _expect(copy, "tokenizer has", "only 10")
+
+
+def _replace_tokenizer(path: Path, edit) -> None:
+    data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    edit(data)
+    (path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    _rehash(path)
+
+
+def test_tokenizer_longer_than_the_model_context(copy: Path) -> None:
+    _replace_tokenizer(copy, lambda d: d["clipforge"].__setitem__("max_length", 64))
+    _expect(copy, "max_length 64", "max_seq_len 32")
+    _replace_tokenizer(copy, lambda d: d["clipforge"].__setitem__("max_length", 16))  # shorter is fine
+    assert load_checkpoint(copy)[1].max_length == 16
+
+
+@pytest.mark.parametrize("field, ids", [("pad_token_id", (3, 1, 2)), ("sot_token_id", (0, 2, 1)),
+                                        ("eot_token_id", (0, 1, 5))])
+def test_special_token_ids_that_differ_from_the_config(copy: Path, field: str, ids: tuple[int, int, int]) -> None:
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg.update(zip(("pad_token_id", "sot_token_id", "eot_token_id"), ids))
+    (copy / "config.json").write_text(json.dumps(cfg))
+    _rehash(copy)
+    _expect(copy, field, f"is {cfg[field]}")
+
+
+def test_tokenizer_with_its_special_tokens_moved(copy: Path) -> None:
+    def swap(data: dict) -> None:  # a tokenizer whose <|startoftext|> and <|endoftext|> traded ids
+        vocab = data["model"]["vocab"]
+        vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
+        for tok in data["added_tokens"]:
+            tok["id"] = {1: 2, 2: 1}.get(tok["id"], tok["id"])
+
+    _replace_tokenizer(copy, swap)
+    _expect(copy, "tokenizer sot id is 2", "sot_token_id is 1")

@@ -95,7 +95,34 @@ def test_16_bit_and_32_bit_and_float_modes() -> None:
     assert [to_rgb(f).getpixel((x, 0))[0] for x in range(3)] == [0, 127, 255]
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK", "I;16", "I", "F", "1", "RGB", "YCbCr"])
+def test_dark_16_bit_png_stays_dark_whatever_its_brightest_pixel(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 201, size=(16, 16), dtype=np.uint16)  # 0..200 of 65535: nearly black
+    path = tmp_path / "dark16.png"
+    Image.fromarray(dark).save(path)
+    brighter = dark.copy()
+    brighter[0, 0] = 256
+    means = []
+    for arr in (dark, brighter):
+        decoded = open_image(_encode(Image.fromarray(arr), "PNG"))
+        pixels = np.asarray(decoded, dtype=np.float64)
+        assert pixels.mean() < 5, "a dark 16-bit image must not come out bright"
+        means.append(pixels.mean())
+    assert abs(means[0] - means[1]) < 0.1  # one pixel at 256 must not change the scale
+    assert np.asarray(open_image(path)).max() <= 1  # 200 / 65535 of full scale
+
+
+def test_premultiplied_alpha_modes() -> None:
+    la = Image.new("LA", (1, 1), (40, 255)).convert("La")
+    assert la.mode == "La" and _rgb_at(la) == (40, 40, 40)
+    assert _rgb_at(Image.new("LA", (1, 1), (40, 0)).convert("La")) == (255, 255, 255)
+    pa = Image.new("PA", (2, 1), (0, 255))
+    pa.putpalette([200, 10, 10] + [0] * 765)
+    pa.putpixel((1, 0), (0, 0))
+    assert _rgb_at(pa, (0, 0)) == (200, 10, 10) and _rgb_at(pa, (1, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "La", "PA", "P", "L", "CMYK", "I;16", "I", "F", "1", "RGB", "YCbCr"])
 def test_every_mode_preprocesses_to_a_normalised_tensor(mode: str) -> None:
     img = Image.new("RGB", (40, 30), (90, 160, 220)).convert(mode, dither=Image.Dither.NONE)
     x = ImageTransform(16, CLIP_MEAN, CLIP_STD)(img)

@@ -29,6 +29,8 @@ ODD_TEXTS = [
     "مرحبا بالعالم",
     "x" * 100_000,
     "word " * 20_000,
+    " " * 2000 + "a red circle",
+    "\n" * 1_000_000 + "a red circle",
 ]
 
 
@@ -124,3 +126,22 @@ def test_nfc_normalisation_makes_composed_and_decomposed_forms_equal(tok: CLIPTo
     assert torch.equal(tok.encode(composed), tok.encode(decomposed))
     assert not torch.equal(raw_tok.encode(composed), raw_tok.encode(decomposed))
     assert torch.equal(tok.encode("A  RED\tcircle"), tok.encode("a red circle"))
+
+
+@pytest.mark.parametrize("pad", [" " * 2000, "\t \n" * 50_000, " " * 900_000])
+def test_whitespace_before_the_text_does_not_use_up_the_budget(tok: CLIPTokenizer, pad: str) -> None:
+    expected = tok.encode("a red circle")
+    assert torch.equal(tok.encode(pad + "a red circle"), expected)
+    mixed = tok.encode([pad + "A  Red " + "\n" * 5000 + "circle", "blue"])
+    assert torch.equal(mixed[:1, : expected.shape[1]], expected)
+
+
+def test_long_text_is_still_cut_to_max_length(tok: CLIPTokenizer, raw_tok: CLIPTokenizer) -> None:
+    long = " ".join(["a big red circle"] * 30_000)
+    ids = tok.encode(long)
+    assert ids.shape == (1, 16) and ids[0, -1].item() == 2
+    assert tok.decode(ids[0]) == tok.decode(tok.encode(long[:200])[0])
+    # Without whitespace normalisation, spaces are text: they fill the context as before.
+    assert raw_tok.decode(raw_tok.encode(" " * 2000 + "a red circle")[0]).strip() == ""
+    # The normaliser reads at most a million characters looking for text: the cost stays bounded.
+    assert tok.encode(" " * 2_000_000 + "a red circle").tolist() == [[1, 2]]
