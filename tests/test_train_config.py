@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import clipforge_cli
 from model.errors import ConfigError
@@ -109,3 +110,36 @@ def test_saved_config_round_trips_as_json(tmp_path: Path) -> None:
     cfg = build_config({"data": "d", "out": str(tmp_path), "model": {"img_dim": 64, "img_n_heads": 2}})
     path = cfg.save(tmp_path)
     assert json.loads(path.read_text())["model"] == {"img_dim": 64, "img_n_heads": 2}
+
+
+TOKENIZER_CAPTIONS = [f"a {c} {s}" for c in ("red", "Red", "blue") for s in ("circle", "Square")] * 3
+
+
+def test_tokenizer_normalisation_comes_from_the_config(tmp_path: Path) -> None:
+    from training.loop import train_tokenizer
+
+    base = {"data": "d", "out": "o", "preset": "mini-32", "model": {"vocab_size": 300}}
+    default = train_tokenizer(build_config(base), TOKENIZER_CAPTIONS)
+    assert default.decode(default.encode("A Red  Circle")[0]) == "a red circle"
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "d"\nout = "o"\npreset = "mini-32"\ntokenizer_lowercase = false\n'
+                    "[model]\nvocab_size = 300\n", encoding="utf-8")
+    cased = train_tokenizer(load_config(toml), TOKENIZER_CAPTIONS)
+    assert cased.max_length == 32 and cased.vocab_size <= 300
+    assert cased.decode(cased.encode("A Red  Circle")[0]) == "A Red Circle"  # case kept, whitespace still collapsed
+    assert not torch.equal(cased.encode("Red"), cased.encode("red"))
+    raw = train_tokenizer(load_config(toml, {"tokenizer_collapse_whitespace": False, "tokenizer_nfc": False}),
+                          TOKENIZER_CAPTIONS)
+    assert raw.decode(raw.encode("A Red  Circle")[0]) == "A Red  Circle"
+    assert not torch.equal(raw.encode("caf\u00e9"), raw.encode("cafe\u0301"))
+
+
+def test_tokenizer_flags() -> None:
+    from training.cli import _given_overrides
+
+    args = clipforge_cli.build_parser("train").parse_args(
+        ["train", "--data", "d", "--out", "o", "--no-tokenizer-lowercase", "--tokenizer-nfc"])
+    given = _given_overrides(args)
+    assert given["tokenizer_lowercase"] is False and given["tokenizer_nfc"] is True
+    assert "tokenizer_collapse_whitespace" not in given  # not given: the TOML or default value stands
+    assert build_config(given).tokenizer_options() == {"lowercase": False, "nfc": True, "collapse_whitespace": True}

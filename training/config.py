@@ -29,6 +29,14 @@ class TrainConfig(BaseModel):
     preset: str = Field("tiny", description="model preset (see `clipforge model presets`)")
     model: dict[str, Any] = Field(default_factory=dict, description="CLIPConfig field overrides")
     init_checkpoint: str | None = Field(None, description="start from this checkpoint's weights and tokenizer")
+    # tokenizer normalisation: applies when a run trains its tokenizer (not on --resume or init_checkpoint)
+    tokenizer_lowercase: bool = Field(True, description="tokenizer lowercases text (off: 'Red' and 'red' differ)")
+    tokenizer_nfc: bool = Field(
+        True, description="tokenizer applies Unicode NFC, so composed and decomposed accents match"
+    )
+    tokenizer_collapse_whitespace: bool = Field(
+        True, description="tokenizer collapses whitespace runs to one space and strips the ends"
+    )
     # data
     data: str = Field(..., description="training data spec (csv:..., imagefolder:..., webdataset:..., shapes:..., or a path)")
     val_data: str | None = Field(None, description="validation data spec (default: a split of --data)")
@@ -107,6 +115,11 @@ class TrainConfig(BaseModel):
     def model_cfg(self) -> CLIPConfig:
         """The model configuration: the preset with the [model] overrides applied."""
         return preset_config(self.preset, **self.model)
+
+    def tokenizer_options(self) -> dict[str, bool]:
+        """Normalisation keyword arguments for CLIPTokenizer.train."""
+        return {"lowercase": self.tokenizer_lowercase, "nfc": self.tokenizer_nfc,
+                "collapse_whitespace": self.tokenizer_collapse_whitespace}
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / CONFIG_FILE

@@ -14,7 +14,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,13 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def train_tokenizer(cfg: TrainConfig, captions: Iterable[str]) -> CLIPTokenizer:
+    """The tokenizer a new run trains on its captions: the model's vocab and context, the config's normalisation."""
+    mcfg = cfg.model_cfg()
+    return CLIPTokenizer.train(captions, vocab_size=mcfg.vocab_size, max_length=mcfg.max_seq_len,
+                               **cfg.tokenizer_options())
 
 
 class Trainer:
@@ -160,8 +167,7 @@ class Trainer:
         mcfg = cfg.model_cfg()
         tok_path = self.out / "tokenizer.json"
         if self.info.is_main:
-            tokenizer = CLIPTokenizer.train(self.run.captions_for_tokenizer, vocab_size=mcfg.vocab_size,
-                                            max_length=mcfg.max_seq_len)
+            tokenizer = train_tokenizer(cfg, self.run.captions_for_tokenizer)
             tokenizer.save(tok_path)
         barrier(self.info)
         if not self.info.is_main:
