@@ -23,7 +23,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from model import CLIPInference
+from model import DEFAULT_TEMPLATES, CLIPInference
+from model.inference import label_prompts, template_ensemble
 
 from .metrics import ServiceMetrics
 
@@ -277,12 +278,19 @@ class Encoders:
         missing = list(dict.fromkeys(label for label, row in zip(labels, rows) if row is None))
         self._count(len(labels) - sum(row is None for row in rows), len(missing))
         if missing:
-            emb = await self.run(self.clip.label_embeddings, missing, list(key_t) if key_t else None)
-            found = dict(zip(missing, emb))
+            found = dict(zip(missing, await self._ensemble(missing, key_t or DEFAULT_TEMPLATES)))
             for label, vec in found.items():
                 self.label_cache.put((label, key_t), vec)
             rows = [found[label] if row is None else row for label, row in zip(labels, rows)]
         return np.stack(rows)  # type: ignore[arg-type]
+
+    async def _ensemble(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        """The prompts go through the text batcher (coalesced with other requests), then average per label.
+
+        Same arithmetic as CLIPInference.label_embeddings: the mean over templates, renormalised.
+        """
+        prompts = label_prompts(labels, templates)
+        return template_ensemble(await self.texts.submit(prompts, weight=len(prompts)), len(labels))
 
     async def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Preprocessed (B, 3, S, S) images -> (B, D), coalesced with other requests' images."""

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -24,12 +28,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     app = create_app(settings)
     load_service(app.state.service)  # a bad checkpoint or index fails here with one clear line, before binding
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False, lifespan="on",
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None, server_header=False,
-        h11_max_incomplete_event_size=settings.max_head_bytes,
-    )
+    uvicorn.run(app, **uvicorn_options(settings))
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.run's keywords for these settings.
+
+    The shutdown timeout passes through as given (uvicorn hands it to asyncio.wait_for, which takes
+    any float): rounding it down would turn 0.5 into 0, which uvicorn reads as "wait forever".
+    """
+    return {
+        "host": settings.host, "port": settings.port, "log_config": None, "access_log": False, "lifespan": "on",
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s, "server_header": False,
+        "h11_max_incomplete_event_size": settings.max_head_bytes,
+    }
 
 
 def register(sub: argparse._SubParsersAction) -> None:

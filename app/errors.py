@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import ClipforgeError, ImageError, ImageTooLargeError
 
+from .forms import FormError
 from .schemas import ErrorResponse
 
 log = logging.getLogger("clipforge.app")
@@ -85,7 +86,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if status == 400 and message == "There was an error parsing the body":
         message = "the request body could not be parsed (malformed JSON or multipart, or invalid UTF-8)"
-    return error_json(status, _HTTP_CODES.get(status, "error"), message, getattr(exc, "headers", None))
+    code = exc.code if isinstance(exc, FormError) else _HTTP_CODES.get(status, "error")
+    return error_json(status, code, message, getattr(exc, "headers", None))
 
 
 async def _clipforge_error(request: Request, exc: ClipforgeError) -> JSONResponse:
@@ -118,9 +120,10 @@ _DESCRIPTIONS = {
     401: "Missing API key (send `Authorization: Bearer <key>`)",
     403: "Wrong API key, or writes disabled because no keys are configured",
     404: "No such image",
-    413: "Request body or image pixel count over the limit",
+    413: "Request body, or the pixel count of an uploaded or stored image, over the limit",
     415: "Not an image format the service can decode",
-    422: "Invalid parameters: bad k, too many or too long texts, missing labels, corrupt image",
+    422: "Invalid parameters: bad k, too many or too long texts (or labels x templates), text that is not valid "
+         "UTF-8, too many images, missing labels, corrupt image",
     503: "Model or index not loaded",
 }
 

@@ -58,7 +58,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="keys accepted as `Authorization: Bearer <key>` for writes"
     )
-    protect_reads: bool = Field(False, description="require an API key for every endpoint except health checks")
+    protect_reads: bool = Field(
+        False,
+        description="require an API key for every API endpoint except /healthz and /readyz; the web page (/, "
+                    "/static), /openapi.json and /docs stay open, and the page sends the key its user types in",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS")
     # limits
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body in bytes")
@@ -66,6 +70,10 @@ class Settings(BaseSettings):
     max_texts: int = Field(256, ge=1, description="most texts per request")
     max_text_chars: int = Field(1000, ge=1, description="longest text in characters")
     max_labels: int = Field(1000, ge=1, description="most labels per classification")
+    max_prompts: int | None = Field(
+        None, ge=1,
+        description="most label x template prompts one classification may encode (default: 8 x max_labels)",
+    )
     max_images: int = Field(32, ge=1, description="most images per request")
     max_k: int = Field(100, ge=1, description="most search results per query")
     max_head_bytes: int = Field(
@@ -83,7 +91,9 @@ class Settings(BaseSettings):
     )
     # operations
     log_level: str = Field("info", description="debug, info, warning or error")
-    shutdown_timeout_s: float = Field(10.0, ge=0.0, description="how long shutdown waits for in-flight requests")
+    shutdown_timeout_s: float = Field(
+        10.0, gt=0.0, description="seconds shutdown waits for in-flight requests before cancelling them (more than 0)"
+    )
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
 
@@ -131,6 +141,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def prompt_limit(self) -> int:
+        """Labels x templates per classification: each prompt is a text encode, so this bounds a request's work."""
+        return self.max_prompts if self.max_prompts is not None else 8 * self.max_labels
+
+    @property
     def effective_batch_size(self) -> int:
         """Batch-1 serving when batching is off: one forward pass per request."""
         return self.max_batch_size if self.batching else 1
@@ -144,11 +159,12 @@ class Settings(BaseSettings):
 
     def public_limits(self) -> dict[str, int]:
         """The limits a client may want to know (shown by GET /info)."""
-        return {
+        limits = {
             name: getattr(self, name)
             for name in ("max_upload_bytes", "max_pixels", "max_texts", "max_text_chars", "max_labels",
                          "max_images", "max_k", "max_thumbnail")
         }
+        return {**limits, "max_prompts": self.prompt_limit}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -36,6 +36,17 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
+def label_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every label, label-major (a template without "{}" gets the label appended)."""
+    return [t.replace("{}", label) if "{}" in t else f"{t} {label}" for label in labels for t in templates]
+
+
+def template_ensemble(prompt_embeddings: np.ndarray, n_labels: int) -> np.ndarray:
+    """One vector per label from its prompts' embeddings (label-major): the mean, renormalised."""
+    emb = prompt_embeddings.reshape(n_labels, -1, prompt_embeddings.shape[-1]).mean(axis=1)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
 class CLIPInference:
     def __init__(
         self, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any] | None = None,
@@ -107,9 +118,7 @@ class CLIPInference:
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per label: the renormalised mean over prompt templates."""
         templates = list(templates or DEFAULT_TEMPLATES)
-        prompts = [t.replace("{}", label) if "{}" in t else f"{t} {label}" for label in labels for t in templates]
-        emb = self.embed_texts(prompts).reshape(len(labels), len(templates), self.dim).mean(axis=1)
-        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return template_ensemble(self.embed_texts(label_prompts(labels, templates)), len(labels))
 
     # ------------------------------------------------------------------ ranking
     def _softmax(self, sims: np.ndarray) -> np.ndarray:

@@ -195,10 +195,42 @@ def test_text_limits(client: TestClient) -> None:
     labels = [f"label {i}" for i in range(51)]
     assert_error(client.post("/classify", files={"image": ("a.png", shape_image())}, data={"labels": labels}), 422,
                  "too_many_texts")
-    many = [f"l{i}" for i in range(10_000)]
+    many = [f"l{i}" for i in range(10_000)]  # past the form parser's field limit: the same 422, not its 400
     r = client.post("/classify", files={"image": ("a.png", shape_image())}, data={"labels": many})
-    assert r.status_code in (400, 413, 422) and "error" in r.json()
+    assert_error(r, 422, "too_many_texts")
+    files = [("images", (f"{i}.png", b"x")) for i in range(34)]  # max_images is 32
+    assert_error(client.post("/embed/image", files=files), 422, "too_many_images")
     assert_error(client.post("/classify", files={"image": ("a.png", shape_image())}, data={"top_k": "0"}), 422)
+
+
+def test_invalid_utf8_in_form_fields_is_422(client: TestClient) -> None:
+    """Starlette would decode these as latin-1 ("cafÃ("); the raw bytes are checked instead."""
+    image = {"image": ("a.png", shape_image())}
+    bad = b"caf\xc3\x28"
+    cases = [("/classify", {"labels": [bad, "dog"]}), ("/classify", {"labels": ["a", "b"], "templates": [bad]}),
+             ("/similarity", {"texts": ["ok", b"\xff\xfe"]})]
+    for path, data in cases:
+        err = assert_error(client.post(path, files=image, data=data), 422, "invalid_text")
+        assert "UTF-8" in err["message"]
+    # text that only looks like a latin-1 fallback is fine when it arrives as valid UTF-8
+    r = client.post("/classify", files=image, data={"labels": ["cafÃ(", "café", "ÿþ"]})
+    assert r.status_code == 200, r.text
+    assert sorted(p["label"] for p in r.json()["predictions"]) == sorted(["cafÃ(", "café", "ÿþ"])
+
+
+def test_labels_times_templates_is_capped(tiny_checkpoint: Path) -> None:
+    assert Settings(checkpoint=tiny_checkpoint, max_labels=100).prompt_limit == 800
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, max_prompts=12))) as c:
+        image = {"image": ("a.png", shape_image())}
+        ok = c.post("/classify", files=image, data={"labels": ["a", "b"]})  # 2 x 6 default templates
+        assert ok.status_code == 200, ok.text
+        r = c.post("/classify", files=image, data={"labels": ["a", "b", "c"]})
+        err = assert_error(r, 422, "too_many_prompts")
+        assert "18 prompts" in err["message"] and "12" in err["message"]
+        templates = ["a {}", "the {}", "one {}", "{} here", "{}!"]
+        assert_error(c.post("/classify", files=image, data={"labels": ["a", "b", "c"], "templates": templates}),
+                     422, "too_many_prompts")
+        assert c.get("/info").json()["limits"]["max_prompts"] == 12
 
 
 def test_unknown_route_and_method(client: TestClient) -> None:
@@ -270,6 +302,19 @@ def test_no_keys_means_writes_disabled_and_protect_reads(tiny_checkpoint: Path) 
         assert c.get("/healthz").status_code == 200  # probes stay open
 
 
+def test_protect_reads_leaves_the_page_and_schema_open(tiny_checkpoint: Path) -> None:
+    """As documented on the setting: the page, its files and the schema need no key; the page sends a typed one."""
+    assert "/openapi.json" in Settings.model_fields["protect_reads"].description
+    settings = Settings(checkpoint=tiny_checkpoint, api_keys=[API_KEY], protect_reads=True)
+    with TestClient(create_app(settings)) as c:
+        for path in ("/", "/static/app.js", "/openapi.json", "/docs", "/healthz", "/readyz"):
+            assert c.get(path).status_code == 200, path
+        for path in ("/info", "/metrics", "/search?q=x"):
+            assert_error(c.get(path), 401)
+        assert 'id="api-key"' in c.get("/").text
+        assert "Authorization: `Bearer ${key}`" in c.get("/static/app.js").text
+
+
 # ---------------------------------------------------------------------- settings
 def test_settings_from_environment(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIPFORGE_CHECKPOINT", str(tiny_checkpoint))
@@ -294,6 +339,8 @@ def test_settings_from_environment(tiny_checkpoint: Path, monkeypatch: pytest.Mo
         ({"CLIPFORGE_CHECKPOINT": "/nonexistent/ckpt"}, "CLIPFORGE_CHECKPOINT"),
         ({"CLIPFORGE_PROTECT_READS": "true"}, "protect_reads"),
         ({"CLIPFORGE_LOG_LEVEL": "loud"}, "CLIPFORGE_LOG_LEVEL"),
+        ({"CLIPFORGE_SHUTDOWN_TIMEOUT_S": "0"}, "CLIPFORGE_SHUTDOWN_TIMEOUT_S"),
+        ({"CLIPFORGE_MAX_PROMPTS": "0"}, "CLIPFORGE_MAX_PROMPTS"),
     ],
 )
 def test_invalid_settings_name_the_setting(
@@ -305,6 +352,24 @@ def test_invalid_settings_name_the_setting(
     with pytest.raises(SettingsError, match=named) as info:
         load_settings()
     assert "short" not in str(info.value) or named != "CLIPFORGE_API_KEYS" or "at least 8" in str(info.value)
+
+
+def test_shutdown_timeout_reaches_uvicorn_unrounded(tiny_checkpoint: Path) -> None:
+    """uvicorn reads a graceful-shutdown timeout of None (or 0) as "wait forever"; 0.5 s must stay 0.5 s."""
+    from app.cli import uvicorn_options
+
+    options = uvicorn_options(Settings(checkpoint=tiny_checkpoint, shutdown_timeout_s=0.5))
+    assert options["timeout_graceful_shutdown"] == 0.5
+    assert uvicorn_options(Settings(checkpoint=tiny_checkpoint))["timeout_graceful_shutdown"] == 10.0
+
+
+def test_info_passes_through_stored_evaluation_metrics(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    evaluated = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, evaluated)
+    metrics = {"cifar10": {"top1": 0.668, "top5": 0.97}, "flickr8k_1k": {"i2t_r@1": 0.12}, "val_loss": 2.5}
+    update_meta(evaluated, metrics=metrics)
+    with TestClient(create_app(Settings(checkpoint=evaluated))) as c:
+        assert c.get("/info").json()["metrics"] == metrics
 
 
 def test_openapi_contract(client: TestClient) -> None:
@@ -327,6 +392,9 @@ def test_openapi_contract(client: TestClient) -> None:
         ref = classify_responses[status]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorResponse")
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    get_image = schema["paths"]["/images/{id}"]["get"]["responses"]  # thumbnails of a stored bomb or a broken file
+    for status in ("401", "403", "404", "413", "415", "422", "503"):
+        assert get_image[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), status
 
 
 def test_unexpected_errors_are_json_and_logged(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,

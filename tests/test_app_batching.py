@@ -217,3 +217,39 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
 
     assert asyncio.run(main(in_flight=1)) < 0.5
     assert asyncio.run(main(in_flight=3)) >= 0.9  # others could still join: it waits for them
+
+
+def test_concurrent_classify_label_prompts_share_one_text_batch(tiny_checkpoint: Path) -> None:
+    """Two /classify requests with new labels: all their prompts go through one text forward pass (cached after)."""
+    clip = CLIPInference.load(tiny_checkpoint)
+    settings = Settings(checkpoint=tiny_checkpoint, max_batch_size=64, max_wait_ms=500)
+    app = create_app(settings)
+    image = shape_image("square", "red")
+    label_sets = [["circle", "square", "star"], ["triangle", "red square"]]
+    templates = ["a photo of a {}.", "a {} drawing"]
+
+    async def main() -> tuple[list[dict], str, list[dict]]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                calls = [client.post("/classify", files={"image": ("a.png", image)},
+                                     data={"labels": labels, "templates": templates}) for labels in label_sets]
+                responses = await asyncio.gather(*calls)
+                assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+                metrics = (await client.get("/metrics")).text
+                again = await client.post("/classify", files={"image": ("a.png", image)},
+                                          data={"labels": label_sets[0], "templates": templates})
+                after = (await client.get("/metrics")).text
+        return [r.json() for r in responses], metrics + "\n#after\n" + after, again.json()
+
+    bodies, metrics, again = asyncio.run(main())
+    before, after = metrics.split("\n#after\n")
+    assert _metric(before, 'clipforge_batch_size_count{kind="text"}') == 1
+    assert _metric(before, 'clipforge_batch_size_sum{kind="text"}') == (3 + 2) * len(templates)
+    assert _metric(after, 'clipforge_batch_size_count{kind="text"}') == 1  # the repeat came from the label cache
+    for labels, body in zip(label_sets, [*bodies]):
+        expected = {e["label"]: e for e in clip.classify(image, labels, templates)}  # unbatched
+        for p in body["predictions"]:
+            assert p["similarity"] == pytest.approx(expected[p["label"]]["similarity"], abs=2e-5)
+            assert p["probability"] == pytest.approx(expected[p["label"]]["probability"], abs=2e-5)
+    assert [p["label"] for p in again["predictions"]] == [p["label"] for p in bodies[0]["predictions"]]

@@ -153,6 +153,45 @@ def test_get_image_and_thumbnail(client: TestClient, index_dir: Path) -> None:
     assert client.get("/images/../../etc/passwd").status_code == 404
 
 
+def _current_db(index: Path) -> Path:
+    return index / (index / "CURRENT").read_text().strip() / "meta.sqlite"
+
+
+def test_stored_paths_outside_the_root_are_never_served(tiny_checkpoint: Path, index_dir: Path, tmp_path: Path) -> None:
+    """A record whose path leaves the root (edited metadata, or its file swapped for a symlink out) is a 404."""
+    import sqlite3
+
+    copy = tmp_path / "idx"
+    shutil.copytree(index_dir, copy)
+    secret = tmp_path / "outside.png"
+    secret.write_bytes(shape_image("square", "red", size=20))
+    with sqlite3.connect(_current_db(copy)) as db:
+        (edited, _), (linked, linked_path) = db.execute("SELECT id, path FROM images ORDER BY id LIMIT 2").fetchall()
+        db.execute("UPDATE images SET path = '../outside.png' WHERE id = ?", (edited,))
+    (copy / linked_path).unlink()
+    (copy / linked_path).symlink_to(secret)
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, index=copy))) as c:
+        for image_id in (edited, linked):
+            for params in ({}, {"size": 16}):
+                r = c.get(f"/images/{image_id}", params=params)
+                assert_error(r, 404, "not_found")
+                assert r.content != secret.read_bytes()
+
+
+def test_thumbnail_of_a_bad_stored_file_is_a_documented_error(tiny_checkpoint: Path, index_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """413 (stored image over the serve-time pixel limit) and 415 (no longer an image), as GET /images/{id} documents."""
+    copy = tmp_path / "idx"
+    shutil.copytree(index_dir, copy)
+    (copy / "images" / "blue_square.png").write_bytes(b"no longer an image")
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, index=copy, max_pixels=2000))) as c:
+        by_path = {h["path"]: h["url"] for h in c.get("/search", params={"q": "x", "k": 12}).json()["results"]}
+        assert_error(c.get(by_path["images/red_circle.png"], params={"size": 16}), 413, "image_too_large")  # 48x48
+        assert_error(c.get(by_path["images/blue_square.png"], params={"size": 16}), 415, "unsupported_image")
+        documented = c.get("/openapi.json").json()["paths"]["/images/{id}"]["get"]["responses"]
+        assert {"413", "415"} <= set(documented)
+
+
 def test_add_search_get_and_delete(writable: TestClient, clip: CLIPInference) -> None:
     new = shape_image("circle", "yellow", size=40, fmt="JPEG")
     existing = shape_image("circle", "red", size=48)  # the same bytes as images/red_circle.png

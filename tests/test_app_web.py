@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from test_app_index import build_index
-from test_app_support import ROOT, live_server, shape_image
+from test_app_support import API_KEY, ROOT, live_server, shape_image
 
 from model import CLIPInference
 
@@ -88,3 +88,26 @@ def test_upload_classifies_and_shows_similar_images(browser, live, tmp_path: Pat
     page.wait_for_selector("#search-status.error")
     assert "NUL" in page.inner_text("#search-status")
     page.close()
+
+
+def test_page_sends_the_typed_key_when_reads_are_protected(browser, tiny_checkpoint: Path,
+                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With CLIPFORGE_PROTECT_READS the page still loads; searching works once the user types a key."""
+    index = build_index(tmp_path_factory.mktemp("web-key") / "idx", CLIPInference.load(tiny_checkpoint))
+    env = {"CLIPFORGE_API_KEYS": API_KEY, "CLIPFORGE_PROTECT_READS": "true"}
+    log = tmp_path_factory.mktemp("logs") / "serve-key.log"
+    with live_server(env, ["--checkpoint", str(tiny_checkpoint), "--index", str(index)], log) as server:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model-info:has-text('unavailable')")  # /info needs the key
+        page.fill("#api-key", API_KEY)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#model-info:has-text('mini-32')")
+        page.fill("#q", "a blue square")
+        page.fill("#k", "3")
+        page.click("#search-form button[type=submit]")
+        page.wait_for_selector("#results .result >> nth=2")
+        page.wait_for_function(  # thumbnails fetched with the key, shown from blobs
+            "Array.from(document.querySelectorAll('#results img')).every(img => img.complete && img.naturalWidth > 0)"
+        )
+        page.close()

@@ -6,11 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
+from model import DEFAULT_TEMPLATES
+
 from ..dependencies import ServiceState, check_texts, read_image, ready_state, require_read_key
 from ..errors import ApiError, error_responses
+from ..forms import StrictFormRoute
 from ..schemas import ClassifyResponse, Prediction
 
-router = APIRouter(tags=["classify"], dependencies=[Depends(require_read_key)])
+router = APIRouter(route_class=StrictFormRoute, tags=["classify"], dependencies=[Depends(require_read_key)])
 
 
 @router.post(
@@ -36,6 +39,10 @@ async def classify(
                            "(the checkpoint stores no class names and no labels file was configured)")
     if templates:
         templates = check_texts(templates, "templates", settings.max_texts, settings.max_text_chars)
+    prompts = len(labels) * len(templates or DEFAULT_TEMPLATES)
+    if prompts > settings.prompt_limit:
+        raise ApiError(422, "too_many_prompts", f"{len(labels):,} labels x {len(templates or DEFAULT_TEMPLATES):,} "
+                       f"templates is {prompts:,} prompts; the limit is {settings.prompt_limit:,}")
     pixels = await read_image(state, image)
     assert state.encoders is not None and state.clip is not None
     label_emb = await state.encoders.label_embeddings(labels, templates)

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, File, UploadFile
 
 from ..dependencies import ServiceState, check_texts, read_image, ready_state, require_read_key
 from ..errors import ApiError, error_responses
+from ..forms import StrictFormRoute
 from ..schemas import EmbedImageResponse, EmbedTextRequest, EmbedTextResponse, ErrorBody, ImageEmbedding
 
-router = APIRouter(prefix="/embed", tags=["embed"], dependencies=[Depends(require_read_key)])
+router = APIRouter(route_class=StrictFormRoute, prefix="/embed", tags=["embed"], dependencies=[Depends(require_read_key)])
 
 
 @router.post(

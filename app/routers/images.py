@@ -16,9 +16,10 @@ from model.errors import ClipforgeError, ImageError
 
 from ..dependencies import ServiceState, check_texts, indexed_state, require_read_key, require_write_key
 from ..errors import ApiError, error_responses, image_error
+from ..forms import StrictFormRoute
 from ..schemas import AddedImage, AddImagesResponse, DeleteImageResponse, ErrorBody, FailedImage
 
-router = APIRouter(prefix="/images", tags=["images"])
+router = APIRouter(route_class=StrictFormRoute, prefix="/images", tags=["images"])
 
 _IMAGE_CONTENT = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 
@@ -48,7 +49,7 @@ def _thumbnail(path: Path, size: int, max_pixels: int) -> bytes:
 @router.get(
     "/{id}", operation_id="get_image", dependencies=[Depends(require_read_key)],
     response_class=Response, responses={200: {"content": _IMAGE_CONTENT, "description": "The image file or a JPEG thumbnail"},
-                                        **error_responses(401, 403, 404, 422, 503)},
+                                        **error_responses(401, 403, 404, 413, 415, 422, 503)},
     summary="Fetch an indexed image",
 )
 async def get_image(

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
 from ..dependencies import ServiceState, check_k, check_text, indexed_state, read_image, require_read_key
 from ..errors import ApiError, error_responses
+from ..forms import StrictFormRoute
 from ..schemas import SearchHit, SearchResponse
 
-router = APIRouter(prefix="/search", tags=["search"], dependencies=[Depends(require_read_key)])
+router = APIRouter(route_class=StrictFormRoute, prefix="/search", tags=["search"], dependencies=[Depends(require_read_key)])
 
 
 def _hits(request: Request, found: list[Any]) -> list[SearchHit]:

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from ..dependencies import ServiceState, check_texts, read_image, ready_state, require_read_key
 from ..errors import error_responses
+from ..forms import StrictFormRoute
 from ..schemas import SimilarityResponse, TextScore
 
-router = APIRouter(tags=["similarity"], dependencies=[Depends(require_read_key)])
+router = APIRouter(route_class=StrictFormRoute, tags=["similarity"], dependencies=[Depends(require_read_key)])
 
 
 @router.post(

@@ -3,8 +3,15 @@
 
 const $ = (id) => document.getElementById(id);
 
+// The key field is only needed when the server protects reads (CLIPFORGE_PROTECT_READS); the page itself is
+// always served without a key, so it can ask for one.
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  const response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
@@ -19,13 +26,23 @@ function setStatus(el, text, isError = false) {
   el.classList.toggle("error", isError);
 }
 
+// An <img src> cannot send a header: with a key, images are fetched with it and shown from a blob.
+async function showImage(img, url) {
+  const headers = authHeaders();
+  if (!headers.Authorization) { img.src = url; return; }
+  try {
+    const response = await fetch(url, { headers });
+    if (response.ok) img.src = URL.createObjectURL(await response.blob());
+  } catch (err) { /* the card keeps its caption and score */ }
+}
+
 function renderGrid(container, results) {
   container.replaceChildren();
   for (const hit of results) {
     const card = document.createElement("figure");
     card.className = "card result";
     const img = document.createElement("img");
-    img.src = `${hit.url}?size=256`;
+    showImage(img, `${hit.url}?size=256`);
     img.alt = hit.caption || hit.path;
     img.loading = "lazy";
     const caption = document.createElement("figcaption");
@@ -125,4 +142,5 @@ $("classify-form").addEventListener("submit", async (event) => {
   }
 });
 
+$("api-key").addEventListener("change", loadInfo);
 loadInfo();
