@@ -17,11 +17,14 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from python_multipart.multipart import parse_options_header
 from starlette._utils import AwaitableOrContextManager, AwaitableOrContextManagerWrapper
 from starlette.datastructures import FormData, Headers
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
+
+
+# The form fields the routes read as text; other fields are left to the routes (ignored or validated there).
+TEXT_FIELDS = frozenset({"labels", "templates", "texts", "captions"})
 
 
 class FormError(HTTPException):
@@ -55,9 +58,12 @@ class StrictMultiPartParser(MultiPartParser):
 
     def on_part_end(self) -> None:
         part = self._current_part
-        if part.file is None:
+        if part.file is None and part.field_name in TEXT_FIELDS:
             try:
-                bytes(part.data).decode(self._charset)
+                try:
+                    bytes(part.data).decode(self._charset)
+                except LookupError:  # a charset Python does not know (or not a text codec): hold to UTF-8
+                    bytes(part.data).decode("utf-8")
             except UnicodeDecodeError:
                 message = f"form field {part.field_name!r} is not valid {self._charset.upper()}"
                 raise FormError("invalid_text", message) from None

@@ -218,6 +218,24 @@ def test_invalid_utf8_in_form_fields_is_422(client: TestClient) -> None:
     assert sorted(p["label"] for p in r.json()["predictions"]) == sorted(["cafÃ(", "café", "ÿþ"])
 
 
+def test_strict_form_parsing_checks_only_the_text_fields_routes_read(client: TestClient) -> None:
+    image = {"image": ("a.png", shape_image())}
+    # a field no route reads may carry any bytes, as before
+    r = client.post("/classify", files=image, data={"labels": ["a", "b"], "other": b"\xff\xfe"})
+    assert r.status_code == 200, r.text
+    # a charset Python has no text codec for: the text fields are held to UTF-8 instead of a 400
+    boundary = "cfboundary"
+    parts = [b'--cfboundary\r\nContent-Disposition: form-data; name="labels"\r\n\r\ncat\r\n',
+             b'--cfboundary\r\nContent-Disposition: form-data; name="labels"\r\n\r\ndog\r\n',
+             b'--cfboundary\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+             b"Content-Type: image/png\r\n\r\n" + shape_image() + b"\r\n", b"--cfboundary--\r\n"]
+    for charset, label, status in (("base64", b"dog", 200), ("nonsense-codec", b"dog", 200), ("base64", b"\xff", 422)):
+        body = b"".join(parts).replace(b"\r\n\r\ndog", b"\r\n\r\n" + label)
+        r = client.post("/classify", content=body,
+                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}; charset={charset}"})
+        assert r.status_code == status, (charset, r.text)
+
+
 def test_labels_times_templates_is_capped(tiny_checkpoint: Path) -> None:
     assert Settings(checkpoint=tiny_checkpoint, max_labels=100).prompt_limit == 800
     with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, max_prompts=12))) as c:
@@ -231,6 +249,10 @@ def test_labels_times_templates_is_capped(tiny_checkpoint: Path) -> None:
         assert_error(c.post("/classify", files=image, data={"labels": ["a", "b", "c"], "templates": templates}),
                      422, "too_many_prompts")
         assert c.get("/info").json()["limits"]["max_prompts"] == 12
+        # The server's own labels (3 class names x 6 templates = 18) are the operator's choice: not capped.
+        r = c.post("/classify", files=image)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 3
 
 
 def test_unknown_route_and_method(client: TestClient) -> None:

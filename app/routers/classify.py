@@ -30,6 +30,7 @@ async def classify(
 ) -> ClassifyResponse:
     """Labels sorted by probability, at the model's own learned temperature (a prompt ensemble per label)."""
     settings = state.settings
+    given_labels = bool(labels)
     if labels:
         labels = check_texts(labels, "labels", settings.max_labels, settings.max_text_chars)
     else:
@@ -40,7 +41,9 @@ async def classify(
     if templates:
         templates = check_texts(templates, "templates", settings.max_texts, settings.max_text_chars)
     prompts = len(labels) * len(templates or DEFAULT_TEMPLATES)
-    if prompts > settings.prompt_limit:
+    # Only a request's own labels or templates are capped: the server's defaults alone are the
+    # operator's choice (and their embeddings are cached after the first request).
+    if (given_labels or templates) and prompts > settings.prompt_limit:
         raise ApiError(422, "too_many_prompts", f"{len(labels):,} labels x {len(templates or DEFAULT_TEMPLATES):,} "
                        f"templates is {prompts:,} prompts; the limit is {settings.prompt_limit:,}")
     pixels = await read_image(state, image)

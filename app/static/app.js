@@ -32,7 +32,10 @@ async function showImage(img, url) {
   if (!headers.Authorization) { img.src = url; return; }
   try {
     const response = await fetch(url, { headers });
-    if (response.ok) img.src = URL.createObjectURL(await response.blob());
+    if (response.ok) {
+      img.onload = () => URL.revokeObjectURL(img.src);  // the bytes are decoded; free the blob
+      img.src = URL.createObjectURL(await response.blob());
+    }
   } catch (err) { /* the card keeps its caption and score */ }
 }
 
