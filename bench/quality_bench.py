@@ -45,6 +45,7 @@ OPEN_CLIP_PYTHON: str | None = None  # --open-clip-python
 # Settings found by short sweeps on the 2-core dev machine (see the report for the runs).
 # Shapes: the `shapes-64` preset (64 px, 8 px patches; at 32 px colours were perfect but shapes
 # were not: seen-combination accuracy 47%, held-out 32% after 5 epochs, too few pixels per object).
+# Shapes lr 1e-3 rather than 2e-3: lower validation loss and seen combinations 0.98 against 0.90 in 10 minutes.
 # CIFAR-10: CLS pooling beat mean pooling in a 4-minute, 1-thread A/B (test top-1 0.489 vs 0.451).
 CIFAR_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 4, "text_dim": 128, "text_n_heads": 4,
                "text_n_kv_heads": 2, "text_n_layers": 1, "align_dim": 128, "patch_size": 4, "img_pool": "cls",
@@ -83,7 +84,7 @@ def task_shapes(minutes: float) -> dict[str, Any]:
     out = CACHE / "runs" / "shapes"
     values = _base(out, preset="shapes-64", data=f"shapes:{data}",
                    val_data=f"shapes:{data}?split=val", zeroshot_data=f"shapes:{data}?split=heldout",
-                   batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05, train_augment=False,
+                   batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.05, train_augment=False,
                    text_lr_scale=0.1)
     run = timed_train(values, minutes, 12000)
     t0 = time.monotonic()
