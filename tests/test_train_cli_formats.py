@@ -125,6 +125,20 @@ def test_train_command_on_each_format(kind: str, tmp_path: Path) -> None:
     assert clip.embed_texts(["a red circle"]).shape == (1, SMALL["align_dim"])
 
 
+def test_streamed_shards_by_epochs_through_the_cli(tmp_path: Path) -> None:
+    """The README's webdataset line: --samples-per-epoch instead of --max-steps gives whole epochs."""
+    spec = _webdataset(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", "--preset", "mini-32", "--data", spec, "--out", str(out), "--samples-per-epoch", "8",
+            "--epochs", "2", "--batch-size", "4", "--val-fraction", "0", "--num-workers", "0", "--threads", "1",
+            "--log-every", "1", "--no-progress", "--no-tensorboard", "--no-plots"]
+    for key, value in SMALL.items():
+        args += ["--set", f"{key}={value}"]
+    assert clipforge_cli.main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
 def test_config_file_with_a_flag_overriding_it(tmp_path: Path) -> None:
     """`clipforge train --config train.toml --lr 3e-4`, as the README shows it."""
     data = write_caption_data(tmp_path / "data", n=N)

@@ -14,7 +14,7 @@ import pytest
 from training.config import build_config
 from training.loop import train
 
-from test_train_support import assert_same_weights, base_config, write_caption_data
+from test_train_support import assert_same_weights, base_config, write_caption_data, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +107,16 @@ def test_ranks_share_one_clock_for_the_time_budget(tmp_path: Path, monkeypatch: 
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r for r in records if r["kind"] == "train"]
     assert train_steps and train_steps[-1]["elapsed_s"] < 6 * 0.9, "stopped on the fast clock, well before 6 s"
+
+
+@pytest.mark.slow
+def test_streamed_shards_split_evenly_across_ranks_with_samples_per_epoch(tmp_path: Path) -> None:
+    """Three shards of 8 on two ranks: rank 0 reads shards 0 and 2, rank 1 only shard 1. Without a
+    fixed epoch size the epoch ends when rank 1 runs dry (2 steps, rank 0's extra shard unread);
+    with samples_per_epoch every rank reads 12 samples an epoch (rank 1 goes round its shard again)."""
+    spec = write_shards(tmp_path / "shards", n_shards=3, per_shard=8)
+    _torchrun(base_config(tmp_path, tmp_path / "ddp", data=spec, samples_per_epoch=24, epochs=2, val_fraction=0.0,
+                          log_every=1), tmp_path / "ddp.toml", timeout=180)
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["epoch"]) for r in records if r["kind"] == "val"] == [(3, 1.0), (6, 2.0)]

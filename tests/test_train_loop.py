@@ -23,7 +23,8 @@ from training.data import DataError
 from training.loop import train
 from training.run_state import find_resumable, load_trainer_state
 
-from test_train_support import SMALL, assert_same_weights, base_config, write_caption_data, write_imagefolder
+from test_train_support import (SMALL, assert_same_weights, base_config, write_caption_data, write_imagefolder,
+                                write_shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,31 +186,9 @@ def test_resume_refuses_changed_data(caption_data: Path, tmp_path: Path) -> None
     assert read_meta(tmp_path / "r" / "last")["step"] == 2
 
 
-def _write_shards(root: Path, n_shards: int = 2, per_shard: int = 12) -> str:
-    import io
-    import random
-    import tarfile
-
-    from test_train_support import COLORS, SHAPES, draw
-
-    rng = random.Random(3)
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        with tarfile.open(root / f"shard-{s:03d}.tar", "w") as tar:
-            for i in range(per_shard):
-                c, sh = rng.choice(list(COLORS)), rng.choice(SHAPES)
-                buf = io.BytesIO()
-                draw(c, sh, rng).save(buf, format="PNG")
-                for name, payload in ((f"{s}_{i:04d}.png", buf.getvalue()), (f"{s}_{i:04d}.txt", f"a {c} {sh}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    return f"webdataset:{root}/shard-{{000..{n_shards - 1:03d}}}.tar"
-
-
 def test_streamed_shards_train_for_max_steps(tmp_path: Path) -> None:
-    spec = _write_shards(tmp_path / "shards")
-    with pytest.raises(ClipforgeError, match="set max_steps"):
+    spec = write_shards(tmp_path / "shards")
+    with pytest.raises(ClipforgeError, match="set samples_per_epoch or max_steps"):
         train(build_config(base_config(tmp_path, tmp_path / "nostep", data=spec, val_fraction=0.0)))
     # 24 samples, batch 8: 3 batches an epoch, so 5 steps cross into a second pass over the stream
     train(build_config(base_config(tmp_path, tmp_path / "run", data=spec, max_steps=5, log_every=1)))
@@ -217,6 +196,20 @@ def test_streamed_shards_train_for_max_steps(tmp_path: Path) -> None:
              if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
     assert read_meta(tmp_path / "run" / "last")["step"] == 5
+
+
+def test_streamed_shards_with_samples_per_epoch_run_whole_epochs(caption_data: Path, tmp_path: Path) -> None:
+    spec = write_shards(tmp_path / "shards")  # 24 samples
+    # 16 samples an epoch, batch 8: 2 steps an epoch, 3 epochs, no max_steps needed
+    train(build_config(base_config(tmp_path, tmp_path / "run", data=spec, samples_per_epoch=16, epochs=3,
+                                   val_fraction=0.0, log_every=1)))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["epoch"]) for r in records if r["kind"] == "val"] == [(2, 1.0), (4, 2.0), (6, 3.0)]
+    with pytest.raises(ClipforgeError, match="samples_per_epoch is for streamed"):
+        train(build_config(base_config(caption_data, tmp_path / "csv", samples_per_epoch=16)))
+    with pytest.raises(ClipforgeError, match="below batch_size"):
+        train(build_config(base_config(tmp_path, tmp_path / "few", data=spec, samples_per_epoch=4)))
 
 
 def test_init_checkpoint_reuses_weights_and_tokenizer(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:

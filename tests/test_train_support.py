@@ -93,3 +93,23 @@ def test_caption_data_is_loadable(tmp_path: Path) -> None:
     assert len(rs.records) == 10
     assert all(len(r.captions) == 2 for r in rs.records)
     assert all("," in r.captions[0] for r in rs.records)  # the quoted comma survived
+
+
+def write_shards(root: Path, n_shards: int = 2, per_shard: int = 12) -> str:
+    """Webdataset tar shards of shape images with "a {colour} {shape}" captions; returns the data spec."""
+    import io
+    import tarfile
+
+    rng = random.Random(3)
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(root / f"shard-{s:03d}.tar", "w") as tar:
+            for i in range(per_shard):
+                c, sh = rng.choice(list(COLORS)), rng.choice(SHAPES)
+                buf = io.BytesIO()
+                draw(c, sh, rng).save(buf, format="PNG")
+                for name, payload in ((f"{s}_{i:04d}.png", buf.getvalue()), (f"{s}_{i:04d}.txt", f"a {c} {sh}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return f"webdataset:{root}/shard-{{000..{n_shards - 1:03d}}}.tar"

@@ -43,6 +43,11 @@ class TrainConfig(BaseModel):
     zeroshot_data: str | None = Field(None, description="labelled data spec for per-epoch zero-shot accuracy")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of images held out for validation")
     max_samples: int | None = Field(None, gt=0, description="use only the first N images (quick debugging runs)")
+    samples_per_epoch: int | None = Field(
+        None, gt=0, description="streamed (webdataset) data: samples in one epoch, all ranks together (open_clip's "
+        "--train-num-samples); every rank and worker then reads an equal share, so with uneven shards no rank "
+        "runs dry early, and epochs get a known length (max_steps no longer needed)",
+    )
     max_val_samples: int | None = Field(2000, gt=0, description="cap on validation images evaluated per epoch")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail above this share of unreadable images")
     train_augment: bool = Field(True, description="random resized crops for training images")

@@ -49,9 +49,13 @@ def resolve_data(cfg: TrainConfig) -> RunData:
     if cfg.val_data:
         vrs = load_records(parse_data_spec(cfg.val_data), cfg.max_val_samples)
         val = EvalSet(vrs.records, vrs.class_names, vrs.templates)
+    if cfg.samples_per_epoch is not None and spec.kind != "webdataset":
+        raise ConfigError("samples_per_epoch is for streamed (webdataset) data; other data sets know their length")
     if spec.kind == "webdataset":
-        if cfg.max_steps is None:
-            raise ConfigError("streamed (webdataset) data has no known length: set max_steps")
+        if cfg.max_steps is None and cfg.samples_per_epoch is None:
+            raise ConfigError("streamed (webdataset) data has no known length: set samples_per_epoch or max_steps")
+        if cfg.samples_per_epoch is not None and cfg.samples_per_epoch < cfg.batch_size:
+            raise ConfigError(f"samples_per_epoch ({cfg.samples_per_epoch}) is below batch_size ({cfg.batch_size})")
         run = RunData(None, spec.path, val, None)
         run.captions_for_tokenizer = _shard_captions(spec.path, limit=200_000)
     else:
@@ -101,7 +105,8 @@ def make_train_loader(
     run: RunData, cfg: TrainConfig, mcfg: CLIPConfig, info: DistInfo, device: torch.device, epoch: int,
     start_batch: int,
 ) -> tuple[Iterator[dict], int | None]:
-    """The loader of one epoch, starting at batch start_batch, and the number of batches per epoch (None if streamed)."""
+    """The loader of one epoch, starting at batch start_batch, and the number of batches per epoch (None for a
+    stream of unknown length)."""
     from training.data import CaptionDataset, ShardDataset, collate
 
     transform = train_transform(mcfg, cfg.train_augment, cfg.hflip)
@@ -111,13 +116,14 @@ def make_train_loader(
         generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
     )
     if run.streamed:
-        ds = ShardDataset(run.shards, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+        ds = ShardDataset(run.shards, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                          samples_per_epoch=cfg.samples_per_epoch)
         ds.set_epoch(epoch)
         loader = iter(DataLoader(ds, drop_last=True, **common))
         for _ in range(start_batch):  # a stream can only be fast-forwarded by reading it
             if next(loader, None) is None:
                 break
-        return loader, None
+        return loader, steps_per_epoch(run, cfg)
     ds = CaptionDataset(run.train_records, transform, seed=cfg.seed)
     ds.set_epoch(epoch)
     sampler = GlobalBatchSampler(len(ds), cfg.batch_size, info, seed=cfg.seed)
@@ -126,6 +132,7 @@ def make_train_loader(
 
 
 def steps_per_epoch(run: RunData, cfg: TrainConfig) -> int | None:
+    """Optimiser steps in one epoch; None for a stream of unknown length (it ends when the shards do)."""
     if run.streamed:
-        return None
+        return cfg.samples_per_epoch // cfg.batch_size if cfg.samples_per_epoch else None
     return len(run.train_records) // cfg.batch_size
