@@ -24,7 +24,7 @@ def _losses(run: Path) -> dict[int, float]:
             if r["kind"] == "train"}
 
 
-def _torchrun(values: dict, cfg_file: Path, timeout: float = 240) -> None:
+def _torchrun(values: dict, cfg_file: Path, timeout: float = 240, extra: tuple[str, ...] = ()) -> None:
     """`torchrun --standalone --nproc_per_node 2 -m training.cli train --config FILE`, killed whole on a hang."""
     cfg = build_config(values)
     lines = [f"{k} = {json.dumps(v)}" for k, v in cfg.model_dump().items() if v is not None and k != "model"]
@@ -36,7 +36,7 @@ def _torchrun(values: dict, cfg_file: Path, timeout: float = 240) -> None:
     with log.open("w") as out:  # a file, not a pipe: a hung worker cannot block reading it
         proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "training.cli", "train", "--config", str(cfg_file)],
+             "-m", "training.cli", "train", "--config", str(cfg_file), *extra],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         try:
@@ -120,3 +120,23 @@ def test_streamed_shards_split_evenly_across_ranks_with_samples_per_epoch(tmp_pa
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [(r["step"], r["epoch"]) for r in records if r["kind"] == "val"] == [(3, 1.0), (6, 2.0)]
+
+
+def _summary(run: Path) -> dict:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "summary"][-1]
+
+
+@pytest.mark.slow
+def test_resumed_ddp_run_counts_unreadable_images_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    """The counts of unreadable images are run totals over all ranks. They were saved as rank 0's own
+    count and restored on every rank, so a resumed run reported rank 0's share times the world size."""
+    data = write_caption_data(tmp_path / "data", n=40, n_corrupt=12)
+    settings = dict(log_every=1, val_fraction=0.0, max_bad_fraction=0.9, epochs=2)  # 5 steps an epoch
+    _torchrun(base_config(data, tmp_path / "whole", max_steps=8, **settings), tmp_path / "whole.toml")
+    _torchrun(base_config(data, tmp_path / "split", max_steps=3, save_every=3, **settings), tmp_path / "a.toml")
+    _torchrun(base_config(data, tmp_path / "split", max_steps=8, save_every=3, **settings), tmp_path / "b.toml",
+              extra=("--resume", "--out", str(tmp_path / "split")))
+    whole, split = _summary(tmp_path / "whole"), _summary(tmp_path / "split")
+    assert whole["n_images_seen"] == 8 * 8
+    assert 0 < whole["n_bad_images"] < whole["n_images_seen"]
+    assert (split["n_bad_images"], split["n_images_seen"]) == (whole["n_bad_images"], whole["n_images_seen"])

@@ -132,7 +132,8 @@ class Trainer:
         self.module = module
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_value: float | None = None
-        self.n_bad = self.n_seen = 0
+        self.n_bad = self.n_seen = 0  # this rank's counts (rank 0's include those restored from a resumed run)
+        self.bad_totals = (0, 0)  # all ranks together, as of the last check: saved with the trainer state
         self.last_metrics: dict[str, Any] = {}
         self.elapsed_before, self.start_time = 0.0, time.monotonic()
         if self.resume_dir is not None:
@@ -191,7 +192,8 @@ class Trainer:
         self.epoch = int(info["epoch"])
         self.batch_in_epoch = int(info["batch_in_epoch"])
         self.best_value = info.get("best_value")
-        self.n_bad, self.n_seen = int(info.get("n_bad", 0)), int(info.get("n_seen", 0))
+        if self.info.is_main:  # run totals, counted once: the other ranks count only from here on
+            self.n_bad, self.n_seen = int(info.get("n_bad", 0)), int(info.get("n_seen", 0))
         self.last_metrics = info.get("last_metrics", {})
         self.elapsed_before = float(info.get("elapsed_s", 0.0))
         if self.info.is_main:
@@ -208,8 +210,8 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "best_value": self.best_value, "best_metric": self.best_name, "n_bad": self.n_bad,
-                "n_seen": self.n_seen, "last_metrics": self.last_metrics, "total_steps": self.total_steps,
+                "best_value": self.best_value, "best_metric": self.best_name, "n_bad": self.bad_totals[0],
+                "n_seen": self.bad_totals[1], "last_metrics": self.last_metrics, "total_steps": self.total_steps,
                 "elapsed_s": self._elapsed()}
 
     def _save(self, name: str, with_state: bool = True) -> None:
@@ -260,13 +262,18 @@ class Trainer:
         return value > self.best_value if self.best_mode == "max" else value < self.best_value
 
     # ------------------------------------------------------------------ the loop
+    def _sync_bad(self) -> tuple[int, int]:
+        """(bad, seen) training images over all ranks (a collective: every rank calls it), kept for the saved state."""
+        n_bad, n_seen = all_reduce_sum([float(self.n_bad), float(self.n_seen)], self.info, self.device)
+        self.bad_totals = (int(n_bad), int(n_seen))
+        return self.bad_totals
+
     def _check_bad(self) -> tuple[int, int]:
-        """(bad, seen) training images over all ranks; raises DataError above max_bad_fraction."""
+        """(bad, seen) over all ranks; raises DataError above max_bad_fraction."""
         from training.data import check_bad_fraction
 
-        n_bad, n_seen = all_reduce_sum([float(self.n_bad), float(self.n_seen)], self.info, self.device)
-        check_bad_fraction(int(n_bad), int(n_seen), self.cfg.max_bad_fraction)
-        return int(n_bad), int(n_seen)
+        check_bad_fraction(*self._sync_bad(), self.cfg.max_bad_fraction)
+        return self.bad_totals
 
     def _batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pixels = batch["pixels"]
@@ -359,6 +366,8 @@ class Trainer:
                 periodic = bool(cfg.save_every) and self.step % cfg.save_every == 0
                 if epoch_end or finished:
                     self._end_of_epoch(progress, complete=epoch_end)
+                if periodic and not (epoch_end or finished):
+                    self._sync_bad()  # every rank: the saved state carries the run's totals
                 if epoch_end or finished or periodic:
                     self._save("last")
                 if periodic:
