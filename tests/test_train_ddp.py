@@ -140,3 +140,19 @@ def test_resumed_ddp_run_counts_unreadable_images_like_an_uninterrupted_one(tmp_
     assert whole["n_images_seen"] == 8 * 8
     assert 0 < whole["n_bad_images"] < whole["n_images_seen"]
     assert (split["n_bad_images"], split["n_images_seen"]) == (whole["n_bad_images"], whole["n_images_seen"])
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_dropout_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Each rank draws its own dropout masks and resumes its own random streams: only rank 0's were
+    saved once, so rank 1 resumed on rank 0's stream and the weights parted from the uninterrupted run."""
+    from test_train_support import SMALL
+
+    data = write_caption_data(tmp_path / "data", n=40)
+    settings = dict(log_every=1, val_fraction=0.0, epochs=2, model={**SMALL, "img_dropout_rate": 0.2,
+                                                                    "text_dropout_rate": 0.2})
+    _torchrun(base_config(data, tmp_path / "whole", max_steps=6, **settings), tmp_path / "whole.toml")
+    _torchrun(base_config(data, tmp_path / "split", max_steps=3, save_every=3, **settings), tmp_path / "a.toml")
+    _torchrun(base_config(data, tmp_path / "split", max_steps=6, save_every=3, **settings), tmp_path / "b.toml",
+              extra=("--resume", "--out", str(tmp_path / "split")))
+    assert_same_weights(tmp_path / "whole" / "last", tmp_path / "split" / "last", atol=1e-6)

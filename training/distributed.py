@@ -6,6 +6,7 @@ import os
 from datetime import timedelta
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -93,6 +94,15 @@ def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
 
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
     return _all_reduce(values, dist.ReduceOp.SUM, info, device)
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's obj, in rank order (a collective; [obj] alone when not distributed)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class GlobalBatchSampler(Sampler[int]):

@@ -28,6 +28,7 @@ from model.errors import ClipforgeError, ConfigError
 
 from .config import TrainConfig, load_saved_config
 from .distributed import (
+    all_gather_objects,
     all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
@@ -40,10 +41,12 @@ from .logs import METRICS_FILE, Progress, RunLogger, truncate_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .run_data import RunData, make_train_loader, resolve_data, steps_per_epoch
 from .run_state import (
+    capture_rng,
     find_resumable,
     load_trainer_state,
     optimizer_from_flat,
     prune_step_checkpoints,
+    rank_rng,
     restore_rng,
     save_training_checkpoint,
 )
@@ -120,6 +123,8 @@ class Trainer:
         if self.resume and self.resume_dir is None:
             raise ClipforgeError(f"--resume: {self.out} holds no resumable checkpoint (last/ is missing)")
         self.model, self.tokenizer = self._build_model()
+        if info.rank > 0:  # same initial weights everywhere, but each rank its own dropout masks
+            seed_everything(cfg.seed + 1_000_003 * info.rank)
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
                                          self.device, cfg.text_lr_scale)
@@ -187,7 +192,7 @@ class Trainer:
         tensors, info = load_trainer_state(self.resume_dir)
         optim_sd = optimizer_from_flat(tensors, info["optimizer"])
         self.optimizer.load_state_dict(optim_sd)
-        restore_rng(tensors, info["rng"])
+        restore_rng(*rank_rng(tensors, info, self.info.rank))
         self.step = int(info["step"])
         self.epoch = int(info["epoch"])
         self.batch_in_epoch = int(info["batch_in_epoch"])
@@ -215,18 +220,21 @@ class Trainer:
                 "elapsed_s": self._elapsed()}
 
     def _save(self, name: str, with_state: bool = True) -> None:
+        """Rank 0 writes; with the trainer state it is a collective (every rank sends its RNG states)."""
+        peers = all_gather_objects(capture_rng(), self.info) if with_state and self.info.enabled else None
         if not self.info.is_main:
             return
         save_training_checkpoint(self.out / name, self.model, self.tokenizer, self._meta(),
-                                 self.optimizer if with_state else None, self._trainer_state())
+                                 self.optimizer if with_state else None, self._trainer_state(), peers)
         for stale in self.out.glob(f".{Path(name).name}.old-*"):  # left by a kill between two renames
             shutil.rmtree(stale, ignore_errors=True)
 
     def _save_step_checkpoint(self) -> None:
-        if not self.info.is_main or self.cfg.keep_checkpoints == 0:
+        if self.cfg.keep_checkpoints == 0:
             return
         self._save(f"checkpoints/step-{self.step:08d}")
-        prune_step_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
+        if self.info.is_main:
+            prune_step_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self) -> dict[str, Any]:

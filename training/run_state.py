@@ -50,6 +50,16 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, info
 
 
+def rank_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any], rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The RNG states a rank saved (ranks above 0 under "rng.rank<r>."), or rank 0's where it saved none."""
+    prefix = f"rng.rank{rank}."
+    own = {"rng." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    ranks = state.get("rng_ranks") or {}
+    if rank > 0 and own and str(rank) in ranks:
+        return own, ranks[str(rank)]
+    return {k: v for k, v in tensors.items() if k.startswith("rng.") and not k.startswith("rng.rank")}, state["rng"]
+
+
 def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))]
@@ -91,8 +101,13 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict[str, Any]) 
 def save_training_checkpoint(
     directory: str | Path, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
+    peer_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
 ) -> str:
-    """Write a model checkpoint (with trainer state when optimizer is given) atomically; returns its hash."""
+    """Write a model checkpoint (with trainer state when optimizer is given) atomically; returns its hash.
+
+    peer_rng: under DDP, every rank's capture_rng() in rank order, so each rank resumes its own
+    random streams (dropout masks); rank 0's are the ones captured here.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stage-", dir=directory.parent))
@@ -103,9 +118,14 @@ def save_training_checkpoint(
             tensors, optim_info = optimizer_to_flat(optimizer)
             rng_tensors, rng_info = capture_rng()
             tensors.update(rng_tensors)
+            rng_ranks: dict[str, Any] = {}
+            for rank, (peer_tensors, peer_info) in enumerate(peer_rng or []):
+                if rank > 0:
+                    tensors.update({f"rng.rank{rank}." + k[len("rng."):]: v for k, v in peer_tensors.items()})
+                    rng_ranks[str(rank)] = peer_info
             save_file(tensors, str(inner / STATE_TENSORS), metadata={"format": "clipforge-trainer"})
             payload = {"format_version": FORMAT_VERSION, "content_hash": digest, "optimizer": optim_info,
-                       "rng": rng_info, **(state or {})}
+                       "rng": rng_info, "rng_ranks": rng_ranks, **(state or {})}
             (inner / STATE_JSON).write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
             for name in (STATE_TENSORS, STATE_JSON):
                 with open(inner / name, "rb") as fh:
