@@ -39,8 +39,9 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every RNG a training step can touch: torch CPU/CUDA as byte tensors, Python and NumPy as JSON."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
+        # This process's own GPU only: reading every device's state would open a CUDA context on
+        # each GPU from every rank.
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     info = {
@@ -62,8 +63,10 @@ def rank_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any], rank: int)
 
 def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))]
-    if cuda and torch.cuda.is_available():
+    if cuda and torch.cuda.is_available():  # checkpoints written before: one state per visible device
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     version, state, gauss = info["python"]
     random.setstate((version, tuple(state), gauss))
