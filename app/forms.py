@@ -20,8 +20,11 @@ from fastapi.routing import APIRoute
 from starlette._utils import AwaitableOrContextManager, AwaitableOrContextManagerWrapper
 from starlette.datastructures import FormData, Headers
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
-
+from starlette.formparsers import (
+    MultiPartException,
+    MultiPartParser,
+    parse_options_header,
+)
 
 # The form fields the routes read as text; other fields are left to the routes (ignored or validated there).
 TEXT_FIELDS = frozenset({"labels", "templates", "texts", "captions"})

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
