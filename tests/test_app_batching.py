@@ -222,7 +222,9 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
 def test_concurrent_classify_label_prompts_share_one_text_batch(tiny_checkpoint: Path) -> None:
     """Two /classify requests with new labels: all their prompts go through one text forward pass (cached after)."""
     clip = CLIPInference.load(tiny_checkpoint)
-    settings = Settings(checkpoint=tiny_checkpoint, max_batch_size=64, max_wait_ms=500)
+    # a batch of exactly both requests' prompts (3 + 2 labels x 2 templates) flushes the moment it is full;
+    # the 1 s window only bounds how late the second request may arrive on a slow machine
+    settings = Settings(checkpoint=tiny_checkpoint, max_batch_size=10, max_wait_ms=1000)
     app = create_app(settings)
     image = shape_image("square", "red")
     label_sets = [["circle", "square", "star"], ["triangle", "red square"]]
