@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import CLIP, PRESETS, CLIPConfig, clip_loss, preset_config
-from training.loop import peak_flops
+from model.clip import peak_flops
 
 try:  # optional rival, timed only where it is installed
     import open_clip  # type: ignore[import-not-found]

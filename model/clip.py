@@ -134,6 +134,18 @@ class CLIP(nn.Module):
         return per_sample * samples_per_second / peak_flops
 
 
+# Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a known GPU, else None (no MFU figure on CPUs or unknown cards)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def _tower_flops(tokens: int, dim: int, layers: int, mlp_ratio: float, kv_frac: float = 1.0) -> float:
     """Forward FLOPs (2 per multiply-add) of a transformer stack on one sequence."""
     qkv = 2 * tokens * dim * dim * (1 + 2 * kv_frac)

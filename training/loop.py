@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from model import CLIP, CLIPTokenizer, caption_groups, load_checkpoint
+from model.clip import peak_flops
 from model.errors import ClipforgeError, ConfigError
 
 from .config import TrainConfig, load_saved_config
@@ -53,8 +54,6 @@ from .run_state import (
 from .step import ContrastiveModule, forward_backward
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
-# Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
 def resolve_best_metric(cfg: TrainConfig, run: RunData) -> tuple[str | None, str]:
@@ -73,13 +72,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def train_tokenizer(cfg: TrainConfig, captions: Iterable[str]) -> CLIPTokenizer:
