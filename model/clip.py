@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import CLIPConfig
 from .text import TextTransformer
-from .vision import VisionTransformer
+from .vision import VisionTransformer, conv_stem_widths
 
 
 class CLIP(nn.Module):
@@ -157,7 +157,15 @@ def _tower_flops(tokens: int, dim: int, layers: int, mlp_ratio: float, kv_frac: 
 
 def estimate_image_flops(cfg: CLIPConfig) -> float:
     tokens = cfg.n_patches + 1
-    patch = 2 * cfg.n_patches * cfg.channel * cfg.patch_size**2 * cfg.img_dim
+    if cfg.img_stem == "conv":
+        patch, c_in, side = 0, cfg.channel, cfg.img_size
+        for w in conv_stem_widths(cfg.img_dim, cfg.patch_size):
+            side //= 2
+            patch += 2 * side * side * 9 * c_in * w
+            c_in = w
+        patch += 2 * cfg.n_patches * c_in * cfg.img_dim
+    else:
+        patch = 2 * cfg.n_patches * cfg.channel * cfg.patch_size**2 * cfg.img_dim
     tower = _tower_flops(tokens, cfg.img_dim, cfg.img_n_layers, cfg.img_mlp_ratio)
     return patch + tower + 2 * cfg.img_dim * cfg.align_dim
 

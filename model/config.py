@@ -35,6 +35,7 @@ class CLIPConfig:
     img_mlp_ratio: float = 4.0
     img_dropout_rate: float = 0.0
     img_pool: str = "cls"  # "cls" or "mean"
+    img_stem: str = "patch"  # "patch" (one patch-sized convolution) or "conv" (3x3 stride-2 stack)
     num_classes: int | None = None  # optional classification head on the pooled image feature
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
@@ -95,6 +96,10 @@ class CLIPConfig:
             raise ConfigError("rotary embeddings need an even head dimension (text_dim / text_n_heads)")
         if self.img_pool not in ("cls", "mean"):
             raise ConfigError(f"img_pool must be 'cls' or 'mean', got {self.img_pool!r}")
+        if self.img_stem not in ("patch", "conv"):
+            raise ConfigError(f"img_stem must be 'patch' or 'conv', got {self.img_stem!r}")
+        if self.img_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"img_stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
         if self.text_pos not in ("rope", "learned"):
             raise ConfigError(f"text_pos must be 'rope' or 'learned', got {self.text_pos!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):

@@ -30,12 +30,41 @@ def interpolate_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     return torch.cat([cls, patches], dim=1)
 
 
+def conv_stem_widths(dim: int, patch_size: int) -> list[int]:
+    """Channels of the stride-2 layers (patch_size == 2**n): doubling up to the tower width."""
+    n = patch_size.bit_length() - 1
+    return [max(16, dim >> (n - i)) for i in range(1, n + 1)]
+
+
+class ConvStem(nn.Sequential):
+    """Patch embedding as a stack of 3x3 stride-2 convolutions (Xiao et al., 2021, "Early
+    convolutions help transformers see better"), then a 1x1 to the width.
+
+    A single patch-sized convolution must learn every edge at every offset inside its patch
+    separately; small shared kernels learn an edge once for all positions, so shape (outline,
+    corners) is picked up in far fewer steps. Output grid and width equal the plain patch
+    embedding's.
+    """
+
+    def __init__(self, channels: int, dim: int, patch_size: int) -> None:
+        layers: list[nn.Module] = []
+        c_in = channels
+        for w in conv_stem_widths(dim, patch_size):
+            layers += [nn.Conv2d(c_in, w, kernel_size=3, stride=2, padding=1), nn.GELU()]
+            c_in = w
+        layers.append(nn.Conv2d(c_in, dim, kernel_size=1))
+        super().__init__(*layers)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.img_dim
-        self.patch_embed = nn.Conv2d(cfg.channel, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        if cfg.img_stem == "conv":
+            self.patch_embed: nn.Module = ConvStem(cfg.channel, d, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(cfg.channel, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.n_patches, d))
         self.drop = nn.Dropout(cfg.img_dropout_rate)

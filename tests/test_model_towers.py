@@ -166,3 +166,34 @@ def test_eot_only_last_block_equals_the_full_block(text_pos: str, is_flash: bool
     (g_full,) = torch.autograd.grad(full.sum(), x)
     (g_at,) = torch.autograd.grad(at.sum(), x)
     assert torch.allclose(g_at, g_full, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- convolutional stem
+@torch.no_grad()
+def test_conv_stem_gives_the_patch_grid_and_its_flops_are_counted() -> None:
+    torch.manual_seed(4)
+    plain, conv = CLIP(_micro(img_size=32)).eval(), CLIP(_micro(img_size=32, img_stem="conv")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = conv.visual.patch_embed(x)
+    assert tokens.shape == plain.visual.patch_embed(x).shape == (2, 32, 8, 8)
+    assert conv.encode_image(x).shape == (2, 16)
+    # Stride-2 3x3 layers (16 -> 8 -> 4 px grids doubling channels), then a 1x1 to the width.
+    convs = [m for m in conv.visual.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [((3, 3), (2, 2), 16), ((3, 3), (2, 2), 32),
+                                                                         ((1, 1), (1, 1), 32)]
+    # FLOPs: the estimate differs from the plain patch embedding's by exactly the stem's multiply-adds.
+    side, stem = 32, 0
+    for c in convs:
+        side //= c.stride[0]
+        stem += 2 * side * side * c.out_channels * c.in_channels * c.kernel_size[0] * c.kernel_size[1]
+    patch = 2 * 64 * 3 * 4 * 4 * 32
+    assert conv.flops_per_image() - plain.flops_per_image() == stem - patch
+
+
+def test_conv_stem_needs_a_power_of_two_patch() -> None:
+    from model import ConfigError
+
+    with pytest.raises(ConfigError, match="power-of-two patch_size"):
+        _micro(img_size=24, patch_size=6, img_stem="conv")
+    with pytest.raises(ConfigError, match="img_stem must be"):
+        _micro(img_stem="resnet")
