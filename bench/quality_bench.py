@@ -47,9 +47,10 @@ OPEN_CLIP_PYTHON: str | None = None  # --open-clip-python
 # were not: seen-combination accuracy 47%, held-out 32% after 5 epochs, too few pixels per object).
 # Shapes lr 1e-3 rather than 2e-3: lower validation loss and seen combinations 0.98 against 0.90 in 10 minutes.
 # CIFAR-10: CLS pooling beat mean pooling in a 4-minute, 1-thread A/B (test top-1 0.489 vs 0.451).
+# CIFAR-10: the 3x3 convolutional stem: test top-1 0.693 against 0.668 with the patch stem (15 min, 2 threads).
 CIFAR_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 4, "text_dim": 128, "text_n_heads": 4,
                "text_n_kv_heads": 2, "text_n_layers": 1, "align_dim": 128, "patch_size": 4, "img_pool": "cls",
-               "vocab_size": 512}
+               "img_stem": "conv", "vocab_size": 512}
 FLICKR_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 4, "text_dim": 128, "text_n_heads": 4,
                 "text_n_kv_heads": 2, "text_n_layers": 3, "align_dim": 128, "img_pool": "mean", "vocab_size": 2048}
 
