@@ -78,11 +78,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        if img.mode.startswith("I;16"):
-            # A fixed 16-bit scale: a dark 16-bit photo must stay dark whatever its brightest pixel.
-            arr = arr * (255.0 / 65535.0)
-        elif img.mode == "I" and hi > 255:
-            # 32-bit "I" carries no bit depth (8-bit data converted to I, 16-bit TIFFs), so guess from the range.
+        # I;16: a fixed 16-bit scale (a dark 16-bit photo must stay dark whatever its brightest pixel).
+        # 32-bit "I" carries no bit depth (8-bit data converted to I, 16-bit TIFFs), so guess from the range.
+        if img.mode.startswith("I;16") or (img.mode == "I" and hi > 255):
             arr = arr * (255.0 / 65535.0)
         elif hi > lo and img.mode == "F":
             # Float data has no natural scale: stretch its actual range to 0-255.

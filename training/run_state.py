@@ -108,8 +108,8 @@ def save_training_checkpoint(
 ) -> str:
     """Write a model checkpoint (with trainer state when optimizer is given) atomically; returns its hash.
 
-    peer_rng: under DDP, every rank's capture_rng() in rank order, so each rank resumes its own
-    random streams (dropout masks); rank 0's are the ones captured here.
+    peer_rng: under DDP, every rank's capture_rng() in rank order (rank 0, the writer, first), so each rank
+    resumes its own random streams (dropout masks); without it this process's states are captured.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -119,13 +119,12 @@ def save_training_checkpoint(
         digest = save_checkpoint(inner, model, tokenizer, meta)
         if optimizer is not None:
             tensors, optim_info = optimizer_to_flat(optimizer)
-            rng_tensors, rng_info = capture_rng()
+            (rng_tensors, rng_info), *others = peer_rng or [capture_rng()]
             tensors.update(rng_tensors)
             rng_ranks: dict[str, Any] = {}
-            for rank, (peer_tensors, peer_info) in enumerate(peer_rng or []):
-                if rank > 0:
-                    tensors.update({f"rng.rank{rank}." + k[len("rng."):]: v for k, v in peer_tensors.items()})
-                    rng_ranks[str(rank)] = peer_info
+            for rank, (peer_tensors, peer_info) in enumerate(others, start=1):
+                tensors.update({f"rng.rank{rank}." + k[len("rng."):]: v for k, v in peer_tensors.items()})
+                rng_ranks[str(rank)] = peer_info
             save_file(tensors, str(inner / STATE_TENSORS), metadata={"format": "clipforge-trainer"})
             payload = {"format_version": FORMAT_VERSION, "content_hash": digest, "optimizer": optim_info,
                        "rng": rng_info, "rng_ranks": rng_ranks, **(state or {})}
