@@ -116,6 +116,13 @@ def shapes_attribute_accuracy(checkpoint: Path, data: Path) -> dict[str, Any]:
         true = [CLASS_NAMES[r.label].split() for r in records]
         out[which] = {"colour": sum(p[0] == t[0] for p, t in zip(pred, true)) / len(true),
                       "shape": sum(p[1] == t[1] for p, t in zip(pred, true)) / len(true)}
+        # Where it fails: top-1 by background (the last words of the detailed caption) and by combination.
+        for key, of in (("by_background", lambda r: r.captions[-1].split()[-2]),
+                        ("by_combination", lambda r: CLASS_NAMES[r.label])):
+            groups: dict[str, list[bool]] = {}
+            for r, p, t in zip(records, pred, true):
+                groups.setdefault(of(r), []).append(p == t)
+            out[which][key] = {k: round(sum(v) / len(v), 3) for k, v in sorted(groups.items())}
     red = texts[[CLASS_NAMES.index(f"red {s}") for s in ("circle", "square", "triangle")]]
     sims = red @ red.T
     out["red_shapes_text_cosine_mean"] = round(float((sims.sum() - sims.trace()) / 6), 4)
@@ -242,6 +249,7 @@ def main() -> int:
             a = r["attributes"]
             res += f"; colour/shape right: seen {a['seen']['colour']:.2f}/{a['seen']['shape']:.2f}, "
             res += f"held-out {a['heldout']['colour']:.2f}/{a['heldout']['shape']:.2f}"
+            res += "; held-out by background " + ", ".join(f"{k} {v:.2f}" for k, v in a["heldout"]["by_background"].items())
         elif name == "cifar10":
             res = f"test zero-shot top-1 {r['test_top1']:.3f}, top-5 {r['test_top5']:.3f}"
             if isinstance(r.get("open_clip"), dict):
