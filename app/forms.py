@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
+from functools import cached_property
 from typing import Any
 
 from fastapi import Request, Response
@@ -59,16 +60,25 @@ class StrictMultiPartParser(MultiPartParser):
                 raise FormError("too_many_texts", f"more than {int(self.field_limit):,} form fields in one "
                                 "request (see the limits on labels and texts in GET /info)")
 
+    @cached_property
+    def _text_charset(self) -> str:
+        """The charset text fields are checked against, resolved once per request: the request's (Starlette
+        already maps unknown names to latin-1), or UTF-8 where it names a codec that is not a text encoding."""
+        try:
+            b"a".decode(self._charset)  # (an empty probe would pass: b"".decode() short-circuits)
+        except LookupError:  # e.g. charset=base64
+            return "utf-8"
+        except UnicodeDecodeError:  # a text encoding that needs more bytes (utf-16, utf-32)
+            pass
+        return self._charset
+
     def on_part_end(self) -> None:
         part = self._current_part
         if part.file is None and part.field_name in TEXT_FIELDS:
             try:
-                try:
-                    bytes(part.data).decode(self._charset)
-                except LookupError:  # a charset Python does not know (or not a text codec): hold to UTF-8
-                    bytes(part.data).decode("utf-8")
+                bytes(part.data).decode(self._text_charset)
             except UnicodeDecodeError:
-                message = f"form field {part.field_name!r} is not valid {self._charset.upper()}"
+                message = f"form field {part.field_name!r} is not valid {self._text_charset.upper()}"
                 raise FormError("invalid_text", message) from None
         super().on_part_end()
 

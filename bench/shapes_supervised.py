@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import CLIPConfig, ImageTransform, open_image, preset_config  # noqa: E402
+from model import CLIPConfig, ImageTransform, load_and_preprocess, preset_config  # noqa: E402
 from model.errors import ClipforgeError  # noqa: E402
 from model.vision import VisionTransformer  # noqa: E402
 from training.config import parse_model_override  # noqa: E402
@@ -45,7 +45,7 @@ def load_split(data: Path, split: str, transform: ImageTransform, limit: int | N
     """Single-object images of one split with their colour and shape (two-object scenes left out)."""
     items = [it for it in json.loads((data / f"{split}.json").read_text(encoding="utf-8")) if "shape" in it]
     items = items[:limit] if limit else items
-    return {"pixels": torch.stack([transform(open_image(data / it["image"])) for it in items]),
+    return {"pixels": torch.stack([load_and_preprocess(data / it["image"], transform) for it in items]),
             "colour": [it["color"] for it in items], "shape": torch.tensor([SHAPES.index(it["shape"]) for it in items])}
 
 
@@ -115,13 +115,13 @@ def main() -> int:
             p.error(f"--heads: {heads!r} is not one of on, off, detached")
     try:
         seeds = [int(v) for v in args.seeds.split(",")]
-        cfg = preset_config("shapes-64", **dict(parse_model_override(text) for text in args.model))
+        overrides = dict(parse_model_override(text) for text in args.model)
+        cfg = preset_config("shapes-64", **overrides)
     except (ValueError, ClipforgeError) as exc:
         p.error(str(exc))
     if not 0.0 <= args.gray <= 1.0 or args.steps < 1:
         p.error("--gray must be between 0 and 1 and --steps at least 1")
     torch.set_num_threads(args.threads)
-    overrides = dict(parse_model_override(text) for text in args.model)
     # The quality bench's shapes data (same parameters, so the folder is shared).
     data = generate_shapes(CACHE / "shapes-64", n_train=12000, n_val=500, img_size=64, seed=0, n_eval=600)
     splits = load_all(data, cfg)
