@@ -157,17 +157,19 @@ def _tower_flops(tokens: int, dim: int, layers: int, mlp_ratio: float, kv_frac: 
 
 def estimate_image_flops(cfg: CLIPConfig) -> float:
     tokens = cfg.n_patches + 1
+    channels = cfg.channel if cfg.img_color_layer is None else 2  # ColourSplit: luminance, chroma
+    colour = 0 if cfg.img_color_layer is None else 2 * cfg.n_patches * 3 * cfg.img_dim
     if cfg.img_stem == "conv":
-        patch, c_in, side = 0, cfg.channel, cfg.img_size
+        patch, c_in, side = 0, channels, cfg.img_size
         for w in conv_stem_widths(cfg.img_dim, cfg.patch_size):
             side //= 2
             patch += 2 * side * side * 9 * c_in * w
             c_in = w
         patch += 2 * cfg.n_patches * c_in * cfg.img_dim
     else:
-        patch = 2 * cfg.n_patches * cfg.channel * cfg.patch_size**2 * cfg.img_dim
+        patch = 2 * cfg.n_patches * channels * cfg.patch_size**2 * cfg.img_dim
     tower = _tower_flops(tokens, cfg.img_dim, cfg.img_n_layers, cfg.img_mlp_ratio)
-    return patch + tower + 2 * cfg.img_dim * cfg.align_dim
+    return patch + colour + tower + 2 * cfg.img_dim * cfg.align_dim
 
 
 def estimate_text_flops(cfg: CLIPConfig, seq_len: int | None = None) -> float:

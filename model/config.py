@@ -36,6 +36,9 @@ class CLIPConfig:
     img_dropout_rate: float = 0.0
     img_pool: str = "cls"  # "cls" or "mean"
     img_stem: str = "patch"  # "patch" (one patch-sized convolution) or "conv" (3x3 stride-2 stack)
+    # None: the stem sees RGB. k: the stem sees luminance and chroma magnitude (no hue) and
+    # each patch's mean colour joins the tokens before block k (model/vision.py, ColourSplit).
+    img_color_layer: int | None = None
     num_classes: int | None = None  # optional classification head on the pooled image feature
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
@@ -100,6 +103,14 @@ class CLIPConfig:
             raise ConfigError(f"img_stem must be 'patch' or 'conv', got {self.img_stem!r}")
         if self.img_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ConfigError(f"img_stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
+        if self.img_color_layer is not None:
+            if not 0 <= self.img_color_layer < self.img_n_layers:
+                raise ConfigError(
+                    f"img_color_layer must name a block, 0 to img_n_layers - 1 ({self.img_n_layers - 1}), "
+                    f"or be null, got {self.img_color_layer}"
+                )
+            if self.channel != 3:
+                raise ConfigError(f"img_color_layer needs RGB images (channel = 3), got channel = {self.channel}")
         if self.text_pos not in ("rope", "learned"):
             raise ConfigError(f"text_pos must be 'rope' or 'learned', got {self.text_pos!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
@@ -196,9 +207,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small-32": _preset(384, 6, 8, img_size=32, patch_size=4, max_seq_len=32, align_dim=384, text_n_kv_heads=3),
     "mini-64": _preset(128, 4, 4, img_size=64, patch_size=8, max_seq_len=32, align_dim=128, text_n_kv_heads=2),
     "tiny-64": _preset(256, 4, 6, img_size=64, patch_size=8, max_seq_len=48, align_dim=256, text_n_kv_heads=2),
-    # The synthetic-shapes model of the demo and bench/quality_bench.py: mini-64, shallower, mean pooling.
+    # The synthetic-shapes model of the demo and bench/quality_bench.py: mini-64, shallower, mean pooling,
+    # colour joining before the last image block.
     "shapes-64": _preset(128, 4, 4, img_size=64, patch_size=8, max_seq_len=32, align_dim=128, text_n_kv_heads=2,
-                         img_n_layers=3, text_n_layers=2, img_pool="mean", vocab_size=512),
+                         img_n_layers=3, text_n_layers=2, img_pool="mean", vocab_size=512, img_color_layer=2),
 }
 
 

@@ -56,15 +56,52 @@ class ConvStem(nn.Sequential):
         super().__init__(*layers)
 
 
+# ITU-R BT.601 (JPEG's YCbCr): luminance, blue-difference and red-difference chroma.
+_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+class ColourSplit(nn.Module):
+    """Splits normalised RGB into a hue-free image for the stem and one colour token per patch.
+
+    A stem that sees RGB computes each outline times (object colour - background colour), so
+    its shape features come out colour-specific: a tower trained where red is never a circle
+    does not know a red circle, and caption words that name colours make that worse
+    (docs/benchmarks.md, "Shapes, fourth round"). The stem here sees luminance and chroma
+    magnitude (how colourful a pixel is, not which hue), so an outline looks alike in every
+    hue, and an object as bright as its background still shows by its colourfulness. Hue joins
+    as each patch's mean YCbCr (colour at patch resolution, as JPEG keeps chroma coarser than
+    luminance) before a later block: late enough that the first blocks read shape without it,
+    early enough that the blocks after it can still tie colours to objects in a scene.
+    """
+
+    def __init__(self, cfg: CLIPConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("ycbcr", torch.tensor(_YCBCR), persistent=False)
+        self.colour = nn.Linear(3, cfg.img_dim)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2, H, W) luminance and chroma magnitude, about unit range, and (B, N, D) colour tokens."""
+        ycc = torch.einsum("ij,bjhw->bihw", self.ycbcr.to(pixels.dtype), pixels * self.std + self.mean)
+        luma = (ycc[:, :1] - 0.45) / 0.25
+        chroma = torch.hypot(ycc[:, 1:2], ycc[:, 2:3])  # how colourful, whatever the hue
+        colour = F.avg_pool2d(ycc, self.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3): Y, Cb, Cr in [-0.5, 1]
+        return torch.cat([luma, chroma / 0.15 - 1], dim=1), self.colour(colour * 4)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.img_dim
+        self.colour_split = ColourSplit(cfg) if cfg.img_color_layer is not None else None
+        c_in = 2 if self.colour_split is not None else cfg.channel
         if cfg.img_stem == "conv":
-            self.patch_embed: nn.Module = ConvStem(cfg.channel, d, cfg.patch_size)
+            self.patch_embed: nn.Module = ConvStem(c_in, d, cfg.patch_size)
         else:
-            self.patch_embed = nn.Conv2d(cfg.channel, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            self.patch_embed = nn.Conv2d(c_in, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.n_patches, d))
         self.drop = nn.Dropout(cfg.img_dropout_rate)
@@ -80,6 +117,10 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled (B, img_dim) feature: the CLS token or the mean of the patch tokens."""
+        colour = None
+        if self.colour_split is not None:
+            pixels, colour = self.colour_split(pixels)
+            colour = F.pad(colour, (0, 0, 1, 0))  # nothing for the CLS token
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -87,13 +128,14 @@ class VisionTransformer(nn.Module):
         if pos.shape[1] != x.shape[1]:  # another image size than trained on
             pos = interpolate_pos_embed(pos, math.isqrt(x.shape[1] - 1))
         x = self.norm_pre(self.drop(x + pos))
-        if self.cfg.img_pool == "cls":
-            # Only the CLS token is read, so the last block computes that one query (same result,
-            # ~1/depth of the tower's work saved).
-            for block in self.blocks[:-1]:
-                x = block(x)
-            return self.norm(self.blocks[-1](x, n_queries=1))[:, 0]
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            if colour is not None and i == self.cfg.img_color_layer:
+                x = x + colour
+            if i == last and self.cfg.img_pool == "cls":
+                # Only the CLS token is read, so the last block computes that one query (same
+                # result, ~1/depth of the tower's work saved).
+                return self.norm(block(x, n_queries=1))[:, 0]
             x = block(x)
         return self.norm(x)[:, 1:].mean(dim=1)
 

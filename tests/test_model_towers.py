@@ -197,3 +197,69 @@ def test_conv_stem_needs_a_power_of_two_patch() -> None:
         _micro(img_size=24, patch_size=6, img_stem="conv")
     with pytest.raises(ConfigError, match="img_stem must be"):
         _micro(img_stem="resnet")
+
+
+# --------------------------------------------------------------------------- late colour (ColourSplit)
+def _isoluminant_pair(cfg: CLIPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two normalised images with the same luminance and colourfulness everywhere, in other hues."""
+    from model.vision import _YCBCR
+
+    to_ycc = torch.tensor(_YCBCR)
+    raw = torch.tensor([0.6, 0.45, 0.3]).view(1, 3, 1, 1) + 0.1 * torch.rand(2, 3, cfg.img_size, cfg.img_size)
+    ycc = torch.einsum("ij,bjhw->bihw", to_ycc, raw)
+    ycc = torch.stack([ycc[:, 0], -ycc[:, 2], ycc[:, 1]], dim=1)  # hue turned by 90 degrees
+    recoloured = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_ycc), ycc)
+    assert 0.0 <= recoloured.min() and recoloured.max() <= 1.0
+    mean, std = torch.tensor(cfg.image_mean).view(1, 3, 1, 1), torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    return (raw - mean) / std, (recoloured - mean) / std
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+@torch.no_grad()
+def test_late_colour_blocks_before_its_layer_see_luminance_only(pool: str) -> None:
+    torch.manual_seed(5)
+    cfg = _micro(img_size=32, img_n_layers=3, img_color_layer=2, img_pool=pool)
+    model = CLIP(cfg).eval()
+    assert model.visual.patch_embed.in_channels == 2
+    seen: list[torch.Tensor] = []
+    model.visual.blocks[1].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    a, b = _isoluminant_pair(cfg)
+    emb_a, emb_b = model.encode_image(a), model.encode_image(b)
+    # Up to block 2 the tower cannot tell the two hues apart; from there on it can.
+    assert torch.allclose(seen[0], seen[1], atol=1e-5)
+    assert (emb_a - emb_b).abs().max() > 1e-3
+    # An RGB tower of the same size tells them apart from its first block on.
+    rgb = CLIP(cfg.replace(img_color_layer=None)).eval()
+    seen.clear()
+    rgb.visual.blocks[1].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    rgb.encode_image(a), rgb.encode_image(b)
+    assert (seen[0] - seen[1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_late_colour_works_with_the_conv_stem_and_counts_its_flops() -> None:
+    torch.manual_seed(6)
+    for stem in ("patch", "conv"):
+        rgb = CLIP(_micro(img_size=32, img_stem=stem))
+        late = CLIP(_micro(img_size=32, img_stem=stem, img_color_layer=1))
+        assert late.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+        first = next(m for m in late.visual.patch_embed.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.in_channels == 2
+        # The stem's first layer sees 2 channels instead of 3; one 3 -> width map per patch is added.
+        k = first.kernel_size[0] * first.kernel_size[1]
+        out_side = 32 // first.stride[0]
+        stem_saving = 2 * out_side * out_side * 1 * k * first.out_channels
+        assert rgb.flops_per_image() - late.flops_per_image() == stem_saving - 2 * 64 * 3 * 32
+
+
+def test_late_colour_layer_is_validated() -> None:
+    from model import ConfigError
+
+    with pytest.raises(ConfigError, match="img_color_layer must name a block"):
+        _micro(img_color_layer=2)  # two blocks: 0 or 1
+    with pytest.raises(ConfigError, match="img_color_layer must name a block"):
+        _micro(img_color_layer=-1)
+    with pytest.raises(ConfigError, match="needs RGB images"):
+        _micro(img_color_layer=0, channel=1, image_mean=[0.5], image_std=[0.25])
+    with pytest.raises(ConfigError, match="img_color_layer must be of type"):
+        _micro(img_color_layer="late")
