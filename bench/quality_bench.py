@@ -46,6 +46,8 @@ OPEN_CLIP_PYTHON: str | None = None  # --open-clip-python
 # Shapes: the `shapes-64` preset (64 px, 8 px patches; at 32 px colours were perfect but shapes
 # were not: seen-combination accuracy 47%, held-out 32% after 5 epochs, too few pixels per object).
 # Shapes lr 1e-3 rather than 2e-3: lower validation loss and seen combinations 0.98 against 0.90 in 10 minutes.
+# Shapes: the preset's hue-free stem (img_color_layer = 2) took held-out top-1 from 0.61-0.79 to 1.00
+# (docs/benchmarks.md, "Shapes, fourth round").
 # CIFAR-10: CLS pooling beat mean pooling in a 4-minute, 1-thread A/B (test top-1 0.489 vs 0.451).
 # CIFAR-10: the 3x3 convolutional stem: test top-1 0.693 against 0.668 with the patch stem (15 min, 2 threads).
 CIFAR_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 4, "text_dim": 128, "text_n_heads": 4,

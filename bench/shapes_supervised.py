@@ -1,7 +1,7 @@
 """Can the image tower tell shape apart from colour? A supervised check on the synthetic shapes.
 
     .venv/bin/python bench/shapes_supervised.py                       # colour head on, off, detached
-    .venv/bin/python bench/shapes_supervised.py --heads on --gray 0.5 --model img_n_layers=2
+    .venv/bin/python bench/shapes_supervised.py --heads on --gray 0.5 --model img_n_layers=2 --model img_color_layer=1
     .venv/bin/python bench/shapes_supervised.py --model img_color_layer=null   # the RGB-stem tower
 
 Trains the `shapes-64` ViT from scratch with linear heads on its pooled feature: a shape

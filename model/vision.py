@@ -76,19 +76,26 @@ class ColourSplit(nn.Module):
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
-        self.patch_size = cfg.patch_size
         self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("ycbcr", torch.tensor(_YCBCR), persistent=False)
         self.colour = nn.Linear(3, cfg.img_dim)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 2, H, W) luminance and chroma magnitude, about unit range, and (B, N, D) colour tokens."""
+        """The stem's (B, 2, H, W) input, luminance and chroma magnitude at about unit range, and
+        the (B, 3, H, W) YCbCr image that colour_tokens pools."""
         ycc = torch.einsum("ij,bjhw->bihw", self.ycbcr.to(pixels.dtype), pixels * self.std + self.mean)
         luma = (ycc[:, :1] - 0.45) / 0.25
         chroma = torch.hypot(ycc[:, 1:2], ycc[:, 2:3])  # how colourful, whatever the hue
-        colour = F.avg_pool2d(ycc, self.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3): Y, Cb, Cr in [-0.5, 1]
-        return torch.cat([luma, chroma / 0.15 - 1], dim=1), self.colour(colour * 4)
+        return torch.cat([luma, chroma / 0.15 - 1], dim=1), ycc
+
+    def colour_tokens(self, ycc: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N, D): each cell's mean Y, Cb, Cr (in [-0.5, 1]) on the stem's output grid, mapped to the width.
+
+        Pooling to the grid the stem produced, rather than by patch size, keeps the tokens
+        aligned for image sides that are not a multiple of the patch (the conv stem pads up)."""
+        colour = F.adaptive_avg_pool2d(ycc, grid).flatten(2).transpose(1, 2)
+        return self.colour(colour * 4)
 
 
 class VisionTransformer(nn.Module):
@@ -119,9 +126,12 @@ class VisionTransformer(nn.Module):
         """Pooled (B, img_dim) feature: the CLS token or the mean of the patch tokens."""
         colour = None
         if self.colour_split is not None:
-            pixels, colour = self.colour_split(pixels)
+            pixels, ycc = self.colour_split(pixels)
+        x = self.patch_embed(pixels)
+        if self.colour_split is not None:
+            colour = self.colour_split.colour_tokens(ycc, x.shape[-2:])
             colour = F.pad(colour, (0, 0, 1, 0))  # nothing for the CLS token
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         pos = self.pos_embed

@@ -236,6 +236,30 @@ def test_late_colour_blocks_before_its_layer_see_luminance_only(pool: str) -> No
     assert (seen[0] - seen[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("layer", [0, 2])
+@torch.no_grad()
+def test_late_colour_token_of_a_patch_lands_on_that_patch(layer: int) -> None:
+    torch.manual_seed(7)
+    cfg = _micro(img_size=32, img_n_layers=3, img_color_layer=layer)  # 8 x 8 patches of 4 px
+    model = CLIP(cfg).eval()
+    seen: list[torch.Tensor] = []
+    model.visual.blocks[layer].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    a, b = _isoluminant_pair(cfg)
+    one = a[:1].clone()
+    row, col = 2, 5
+    one[..., 4 * row:4 * row + 4, 4 * col:4 * col + 4] = b[:1, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4]
+    model.encode_image(a[:1]), model.encode_image(one)
+    changed = ((seen[0] - seen[1]).abs().amax(dim=-1) > 1e-5).nonzero()[:, 1].tolist()
+    assert changed == [1 + 8 * row + col]  # token 0 is CLS, which gets no colour
+
+
+@torch.no_grad()
+def test_late_colour_tokens_follow_the_conv_stem_grid_on_other_image_sides() -> None:
+    torch.manual_seed(8)
+    model = CLIP(_micro(img_size=32, img_stem="conv", img_color_layer=1)).eval()
+    assert model.encode_image(torch.randn(2, 3, 34, 34)).shape == (2, 16)  # the stem pads up to a 9 x 9 grid
+
+
 @torch.no_grad()
 def test_late_colour_works_with_the_conv_stem_and_counts_its_flops() -> None:
     torch.manual_seed(6)
