@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import CLIPConfig
 from .text import TextTransformer
-from .vision import VisionTransformer, conv_stem_widths
+from .vision import ColourSplit, VisionTransformer, conv_stem_widths
 
 
 class CLIP(nn.Module):
@@ -157,10 +157,11 @@ def _tower_flops(tokens: int, dim: int, layers: int, mlp_ratio: float, kv_frac: 
 
 def estimate_image_flops(cfg: CLIPConfig) -> float:
     tokens = cfg.n_patches + 1
-    channels = cfg.channel if cfg.img_color_layer is None else 2  # ColourSplit: luminance, chroma
-    # ColourSplit's map of each patch's mean colour to the width; its per-pixel YCbCr arithmetic
-    # (a few dozen FLOPs a pixel) is left out, well under 0.1% of any tower.
-    colour = 0 if cfg.img_color_layer is None else 2 * cfg.n_patches * 3 * cfg.img_dim
+    channels, colour = cfg.channel, 0
+    if cfg.img_color_layer is not None:
+        # ColourSplit: a narrower stem input, and the map of each patch's mean colour to the width;
+        # its per-pixel YCbCr arithmetic (a few dozen FLOPs a pixel) is left out, under 0.1% of any tower.
+        channels, colour = ColourSplit.STEM_CHANNELS, 2 * cfg.n_patches * 3 * cfg.img_dim
     if cfg.img_stem == "conv":
         patch, c_in, side = 0, channels, cfg.img_size
         for w in conv_stem_widths(cfg.img_dim, cfg.patch_size):

@@ -74,6 +74,8 @@ class ColourSplit(nn.Module):
     early enough that the blocks after it can still tie colours to objects in a scene.
     """
 
+    STEM_CHANNELS = 2  # luminance, chroma magnitude
+
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
@@ -104,7 +106,7 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         d = cfg.img_dim
         self.colour_split = ColourSplit(cfg) if cfg.img_color_layer is not None else None
-        c_in = 2 if self.colour_split is not None else cfg.channel
+        c_in = ColourSplit.STEM_CHANNELS if self.colour_split is not None else cfg.channel
         if cfg.img_stem == "conv":
             self.patch_embed: nn.Module = ConvStem(c_in, d, cfg.patch_size)
         else:
@@ -124,13 +126,12 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled (B, img_dim) feature: the CLS token or the mean of the patch tokens."""
-        colour = None
-        if self.colour_split is not None:
-            pixels, ycc = self.colour_split(pixels)
-        x = self.patch_embed(pixels)
-        if self.colour_split is not None:
-            colour = self.colour_split.colour_tokens(ycc, x.shape[-2:])
-            colour = F.pad(colour, (0, 0, 1, 0))  # nothing for the CLS token
+        if self.colour_split is None:
+            x, colour = self.patch_embed(pixels), None
+        else:
+            stem_in, ycc = self.colour_split(pixels)
+            x = self.patch_embed(stem_in)
+            colour = F.pad(self.colour_split.colour_tokens(ycc, x.shape[-2:]), (0, 0, 1, 0))  # none for CLS
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)

@@ -216,7 +216,7 @@ def _isoluminant_pair(cfg: CLIPConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 @torch.no_grad()
-def test_late_colour_blocks_before_its_layer_see_luminance_only(pool: str) -> None:
+def test_late_colour_blocks_before_its_layer_see_no_hue(pool: str) -> None:
     torch.manual_seed(5)
     cfg = _micro(img_size=32, img_n_layers=3, img_color_layer=2, img_pool=pool)
     model = CLIP(cfg).eval()
