@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from .clip import CLIP
 from .config import CLIPConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import publish_directory, utc_timestamp, write_atomic
 from .tokenizer import CLIPTokenizer
 from .vision import interpolate_pos_embed
 
@@ -41,38 +40,6 @@ def content_hash(directory: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_directory(staged: Path, directory: Path) -> None:
-    """Make a complete staged directory visible as `directory`, replacing any old one.
-
-    Two renames, the old copy deleted only afterwards, so a kill at any moment leaves the old
-    or the new directory (a kill between the renames leaves the old one as `.NAME.old-*`).
-    The staged folder came from mkdtemp, which makes it private: it gets the mode of an
-    ordinary folder first.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staged, 0o777 & ~umask)
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}-{time.time_ns()}"
-        os.rename(directory, old)
-        os.rename(staged, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staged, directory)
-    _fsync_dir(directory.parent)
 
 
 def save_checkpoint(
@@ -94,14 +61,10 @@ def save_checkpoint(
         tokenizer.save(tmp / TOKENIZER)
         digest = content_hash(tmp)
         meta = dict(meta or {})
-        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        meta.setdefault("created", utc_timestamp())
         meta["content_hash"] = digest
         meta["params"] = model.num_params()
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        for name in (WEIGHTS, CONFIG, TOKENIZER, META):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
         publish_directory(tmp, directory)
         return digest
     except BaseException:
@@ -126,10 +89,7 @@ def update_meta(directory: str | Path, **changes: Any) -> dict[str, Any]:
     """Merge keys into meta.json atomically (e.g. evaluation results). The hash is unaffected."""
     meta = read_meta(directory)
     meta.update(changes)
-    path = Path(directory) / META
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(Path(directory) / META, json.dumps(meta, indent=2, sort_keys=True, default=str))
     return meta
 
 

@@ -22,6 +22,8 @@ from .errors import ImageError, ImageTooLargeError
 
 ImageSource = str | Path | bytes | BinaryIO | Image.Image
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; raise for gigapixel scans on purpose
+# The file endings every reader of image folders (training data, index builds, shards) accepts.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # We do our own pixel check before decoding, so PIL's own guard would only double-report.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -14,7 +14,6 @@ if a kill lands between the two renames of a swap, `find_resumable` recovers the
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import CLIP, CLIPTokenizer, save_checkpoint
-from model.checkpoint import publish_directory
+from model.fileio import publish_directory
 from model.errors import CheckpointError
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -129,9 +128,6 @@ def save_training_checkpoint(
             payload = {"format_version": FORMAT_VERSION, "content_hash": digest, "optimizer": optim_info,
                        "rng": rng_info, "rng_ranks": rng_ranks, **(state or {})}
             (inner / STATE_JSON).write_text(json.dumps(payload, sort_keys=True), encoding="utf-8")
-            for name in (STATE_TENSORS, STATE_JSON):
-                with open(inner / name, "rb") as fh:
-                    os.fsync(fh.fileno())
         publish_directory(inner, directory)
         return digest
     finally:

@@ -1,0 +1,23 @@
+"""The one reading of a `--device` setting, so `auto` means the same in every command."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ClipforgeError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` is the first CUDA GPU when one is visible, else the CPU; a CUDA name without a GPU is an error."""
+    if isinstance(name, torch.device):
+        device = name
+    elif name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise ClipforgeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClipforgeError("device cuda was requested but no CUDA GPU is available")
+    return device
