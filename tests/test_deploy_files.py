@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -389,9 +390,17 @@ def test_smoke_script_skips_with_a_reason_where_it_cannot_start_an_engine() -> N
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run the script as an unprivileged user")
-    result = subprocess.run([setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                             "bash", str(ROOT / "deploy" / "compose-smoke.sh")],
-                            check=False, capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": "/tmp"})
+    # The checkout may sit where uid 65534 cannot enter (a clone under a 0700 home or temp folder):
+    # the script runs from a copy in a folder anyone can read.
+    with tempfile.TemporaryDirectory(prefix="clipforge-smoke-skip-") as tmp:
+        script = Path(tmp) / "deploy" / "compose-smoke.sh"
+        script.parent.mkdir()
+        shutil.copy(ROOT / "deploy" / "compose-smoke.sh", script)
+        for path, mode in ((Path(tmp), 0o755), (script.parent, 0o755), (script, 0o644)):
+            path.chmod(mode)
+        result = subprocess.run([setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups", "bash", str(script)],
+                                check=False, capture_output=True, text=True, timeout=60, cwd=tmp,
+                                env={**os.environ, "HOME": "/tmp"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SKIP: starting a private dockerd needs root (running as uid 65534)" in result.stdout
 
