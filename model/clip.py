@@ -32,8 +32,7 @@ class CLIP(nn.Module):
     def _init_weights(self) -> None:
         """OpenAI CLIP's width-scaled init: std = width^-0.5 for attention inputs, projections and
         the vision tokens, (2 width)^-0.5 for the MLP input, and residual outputs shrunk further by
-        (2 layers)^-0.5. GPT-2's flat 0.02 is tuned for 768+ wide models; at the 128-384 widths
-        trained on a CPU it starts every block near the identity and learns visibly slower."""
+        (2 layers)^-0.5; it suits the narrow CPU widths better than GPT-2's flat 0.02 (docs/benchmarks.md)."""
         cfg = self.cfg
         for tower, width, layers in ((self.visual, cfg.img_dim, cfg.img_n_layers),
                                      (self.text, cfg.text_dim, cfg.text_n_layers)):
@@ -104,10 +103,8 @@ class CLIP(nn.Module):
         """AdamW groups: decay on matrices only; none on norms, biases, CLS, positions, temperature.
 
         Each group carries an "lr_scale" (the trainer multiplies its scheduled lr by it): the
-        text tower and its projection get text_lr_scale, everything else 1. A slower text
-        tower keeps captions that differ in one word apart until the image tower has learned
-        the visual difference (at full speed the shared text weights pull such captions
-        together first, and neither tower ever learns the attribute).
+        text tower and its projection get text_lr_scale, everything else 1, so captions that
+        differ in one word stay apart until the image tower has learned the difference.
         """
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():

@@ -13,6 +13,11 @@ from typing import Any
 
 from .errors import ConfigError
 
+MLP_ACTIVATIONS = ("gelu", "quick_gelu")
+IMAGE_RESIZES = ("crop_box", "shortest_edge")
+# Field names older checkpoints wrote, and their current names.
+_RENAMED_FIELDS = {"is_flash": "use_sdpa"}
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -20,8 +25,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class CLIPConfig:
     # shared
-    eps: float = 1e-6
-    is_flash: bool = True  # F.scaled_dot_product_attention; False selects the plain math path
+    eps: float = 1e-6  # every LayerNorm's epsilon (OpenAI/transformers CLIP: 1e-5)
+    use_sdpa: bool = True  # F.scaled_dot_product_attention; False selects the plain math path
+    mlp_act: str = "gelu"  # both towers' MLP activation: "gelu" (exact, erf) or "quick_gelu" (OpenAI CLIP)
     align_dim: int = 512
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
@@ -42,6 +48,11 @@ class CLIPConfig:
     num_classes: int | None = None  # optional classification head on the pooled image feature
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
+    # Evaluation resize. "crop_box": the centred square resized to img_size in one bicubic step.
+    # "shortest_edge": transformers' CLIPImageProcessor (short side to image_resize_size, bicubic,
+    # then an img_size centre crop), what imported models were trained with.
+    image_resize: str = "crop_box"
+    image_resize_size: int | None = None  # "shortest_edge" only; None means img_size
     # text tower (GPT-style, causal)
     vocab_size: int = 6400
     max_seq_len: int = 64
@@ -111,6 +122,20 @@ class CLIPConfig:
                 )
             if self.channel != 3:
                 raise ConfigError(f"img_color_layer needs RGB images (channel = 3), got channel = {self.channel}")
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ConfigError(f"mlp_act must be one of {', '.join(map(repr, MLP_ACTIVATIONS))}, got {self.mlp_act!r}")
+        if self.image_resize not in IMAGE_RESIZES:
+            raise ConfigError(
+                f"image_resize must be one of {', '.join(map(repr, IMAGE_RESIZES))}, got {self.image_resize!r}"
+            )
+        if self.image_resize_size is not None:
+            if self.image_resize != "shortest_edge":
+                raise ConfigError("image_resize_size is only used with image_resize 'shortest_edge'; set it to null")
+            if self.image_resize_size < self.img_size:
+                raise ConfigError(
+                    f"image_resize_size ({self.image_resize_size}) must be at least img_size ({self.img_size}), "
+                    "the centre crop's side"
+                )
         if self.text_pos not in ("rope", "learned"):
             raise ConfigError(f"text_pos must be 'rope' or 'learned', got {self.text_pos!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
@@ -161,6 +186,7 @@ class CLIPConfig:
     def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
+        data = {_RENAMED_FIELDS.get(k, k): v for k, v in data.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MLP_ACTIVATIONS
+
 
 # --------------------------------------------------------------------------- linear layers
 @functools.cache
@@ -29,9 +31,8 @@ def _onednn_linear_works() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """F.linear (optionally followed by exact GELU), on oneDNN with the GELU fused when inferring in fp32 on CPU.
 
-    Measured on this project's CPU: 10-35% faster than F.linear's MKL GEMM plus a separate
-    GELU for transformer-sized matrices. The kernel has no autograd, so training keeps F.linear;
-    under torch.compile, inductor chooses its own kernels.
+    The fused kernel is faster on CPU (docs/benchmarks.md) but has no autograd, so training
+    keeps F.linear; under torch.compile, inductor chooses its own kernels.
     """
     if (
         not torch.compiler.is_compiling()  # inductor picks (and fuses) its own kernels
@@ -73,7 +74,7 @@ def math_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain softmax(QK^T/sqrt(d))V, the reference for the fused kernels (is_flash=False).
+    """Plain softmax(QK^T/sqrt(d))V, the reference for the fused kernels (use_sdpa=False).
 
     mask: optional boolean (..., Tq, Tk), True where a query may attend.
     """
@@ -102,15 +103,15 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, n_heads: int, n_kv_heads: int | None = None, dropout: float = 0.0,
-        causal: bool = False, is_flash: bool = True,
+        self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, dropout: float = 0.0,
+        causal: bool = False, use_sdpa: bool = True,
     ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = dim // n_heads
         self.causal = causal
-        self.is_flash = is_flash
+        self.use_sdpa = use_sdpa
         self.dropout = dropout
         self.qkv = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim)
         self.proj = nn.Linear(dim, dim)
@@ -146,7 +147,7 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope)
         causal = self.causal
         p = self.dropout if self.training else 0.0
-        if self.is_flash:
+        if self.use_sdpa:
             gqa = self.n_kv_heads != self.n_heads
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal, enable_gqa=gqa)
         else:
@@ -179,7 +180,7 @@ class Attention(nn.Module):
         # The query at pos sees keys 0..pos (the causal mask, for one row each).
         mask = (torch.arange(t, device=x.device) <= pos.unsqueeze(1)).view(b, 1, 1, t)
         p = self.dropout if self.training else 0.0
-        if self.is_flash:
+        if self.use_sdpa:
             gqa = self.n_kv_heads != self.n_heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         else:
@@ -189,17 +190,27 @@ class Attention(nn.Module):
 
 
 # --------------------------------------------------------------------------- MLP and block
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: float, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, ratio: float, dropout: float = 0.0, *, act: str = "gelu") -> None:
         super().__init__()
+        if act not in MLP_ACTIVATIONS:
+            raise ValueError(f"act must be one of {', '.join(MLP_ACTIVATIONS)}, got {act!r}")
         hidden = int(dim * ratio)
+        self.act = act
         self.fc = nn.Linear(dim, hidden)
         self.proj = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Exact (erf) GELU: on CPU it is ~3x cheaper than the tanh approximation.
-        h = linear(x, self.fc.weight, self.fc.bias, gelu=True)
+        if self.act == "gelu":  # exact (erf) GELU, fused into the linear where the kernel allows
+            h = linear(x, self.fc.weight, self.fc.bias, gelu=True)
+        else:
+            h = quick_gelu(linear(x, self.fc.weight, self.fc.bias))
         return self.drop(linear(h, self.proj.weight, self.proj.bias))
 
 
@@ -207,14 +218,15 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(
-        self, dim: int, n_heads: int, n_kv_heads: int | None, mlp_ratio: float, dropout: float,
-        eps: float, causal: bool, is_flash: bool,
+        self, dim: int, n_heads: int, *, n_kv_heads: int | None = None, mlp_ratio: float = 4.0,
+        dropout: float = 0.0, eps: float = 1e-6, causal: bool = False, use_sdpa: bool = True,
+        mlp_act: str = "gelu",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, n_heads, n_kv_heads, dropout, causal, is_flash)
+        self.attn = Attention(dim, n_heads, n_kv_heads, dropout=dropout, causal=causal, use_sdpa=use_sdpa)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, mlp_ratio, dropout)
+        self.mlp = MLP(dim, mlp_ratio, dropout, act=mlp_act)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, n_queries: int | None = None,

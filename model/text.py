@@ -30,8 +30,9 @@ class TextTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_seq_len, d)) if cfg.text_pos == "learned" else None
         self.drop = nn.Dropout(cfg.text_dropout_rate)
         self.blocks = nn.ModuleList(
-            Block(d, cfg.text_n_heads, cfg.text_n_kv_heads, cfg.text_mlp_ratio, cfg.text_dropout_rate, cfg.eps,
-                  True, cfg.is_flash)
+            Block(d, cfg.text_n_heads, n_kv_heads=cfg.text_n_kv_heads, mlp_ratio=cfg.text_mlp_ratio,
+                  dropout=cfg.text_dropout_rate, eps=cfg.eps, causal=True, use_sdpa=cfg.use_sdpa,
+                  mlp_act=cfg.mlp_act)
             for _ in range(cfg.text_n_layers)
         )
         self.norm = nn.LayerNorm(d, eps=cfg.eps)

@@ -37,13 +37,10 @@ def conv_stem_widths(dim: int, patch_size: int) -> list[int]:
 
 
 class ConvStem(nn.Sequential):
-    """Patch embedding as a stack of 3x3 stride-2 convolutions (Xiao et al., 2021, "Early
-    convolutions help transformers see better"), then a 1x1 to the width.
+    """Patch embedding as a stack of 3x3 stride-2 convolutions (Xiao et al., 2021), then a 1x1 to the width.
 
-    A single patch-sized convolution must learn every edge at every offset inside its patch
-    separately; small shared kernels learn an edge once for all positions, so shape (outline,
-    corners) is picked up in far fewer steps. Output grid and width equal the plain patch
-    embedding's.
+    Small shared kernels learn an edge once for every offset inside a patch. Output grid and
+    width equal the plain patch embedding's.
     """
 
     def __init__(self, channels: int, dim: int, patch_size: int) -> None:
@@ -63,15 +60,9 @@ _YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -
 class ColourSplit(nn.Module):
     """Splits normalised RGB into a hue-free image for the stem and one colour token per patch.
 
-    A stem that sees RGB computes each outline times (object colour - background colour), so
-    its shape features come out colour-specific: a tower trained where red is never a circle
-    does not know a red circle, and caption words that name colours make that worse
-    (docs/benchmarks.md, "Shapes, fourth round"). The stem here sees luminance and chroma
-    magnitude (how colourful a pixel is, not which hue), so an outline looks alike in every
-    hue, and an object as bright as its background still shows by its colourfulness. Hue joins
-    as each patch's mean YCbCr (colour at patch resolution, as JPEG keeps chroma coarser than
-    luminance) before a later block: late enough that the first blocks read shape without it,
-    early enough that the blocks after it can still tie colours to objects in a scene.
+    The stem sees luminance and chroma magnitude, so an outline looks alike in every hue and
+    unseen colour-shape pairs compose; hue joins as each patch's mean YCbCr before a later
+    block (docs/benchmarks.md, "Shapes, fourth round").
     """
 
     STEM_CHANNELS = 2  # luminance, chroma magnitude
@@ -114,11 +105,11 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.n_patches, d))
         self.drop = nn.Dropout(cfg.img_dropout_rate)
-        # CLIP's ln_pre: the patch embeddings, CLS and positions arrive at very different scales;
-        # normalising them once before the first block lets every block start from unit scale.
+        # CLIP's ln_pre: patch embeddings, CLS and positions arrive at different scales.
         self.norm_pre = nn.LayerNorm(d, eps=cfg.eps)
         self.blocks = nn.ModuleList(
-            Block(d, cfg.img_n_heads, None, cfg.img_mlp_ratio, cfg.img_dropout_rate, cfg.eps, False, cfg.is_flash)
+            Block(d, cfg.img_n_heads, mlp_ratio=cfg.img_mlp_ratio, dropout=cfg.img_dropout_rate, eps=cfg.eps,
+                  causal=False, use_sdpa=cfg.use_sdpa, mlp_act=cfg.mlp_act)
             for _ in range(cfg.img_n_layers)
         )
         self.norm = nn.LayerNorm(d, eps=cfg.eps)
@@ -144,8 +135,7 @@ class VisionTransformer(nn.Module):
             if colour is not None and i == self.cfg.img_color_layer:
                 x = x + colour
             if i == last and self.cfg.img_pool == "cls":
-                # Only the CLS token is read, so the last block computes that one query (same
-                # result, ~1/depth of the tower's work saved).
+                # Only the CLS token is read, so the last block computes that one query (same result).
                 return self.norm(block(x, n_queries=1))[:, 0]
             x = block(x)
         return self.norm(x)[:, 1:].mean(dim=1)

@@ -27,7 +27,12 @@ BIG_PRESETS = [name for name in PRESETS if name not in SMALL_IMAGE_PRESETS]
         ({"img_n_layers": 0}, "img_n_layers must be a positive number"),
         ({"img_dim": 256.0}, "img_dim must be of type int"),
         ({"text_n_layers": "12"}, "text_n_layers must be of type int"),
-        ({"is_flash": "yes"}, "is_flash must be of type bool"),
+        ({"use_sdpa": "yes"}, "use_sdpa must be of type bool"),
+        ({"mlp_act": "relu"}, "mlp_act must be one of 'gelu', 'quick_gelu'"),
+        ({"image_resize": "stretch"}, "image_resize must be one of 'crop_box', 'shortest_edge'"),
+        ({"image_resize_size": 256}, "image_resize_size is only used with image_resize 'shortest_edge'"),
+        ({"image_resize": "shortest_edge", "image_resize_size": 200}, "image_resize_size (200) must be at least img_size (224)"),
+        ({"image_resize": "shortest_edge", "image_resize_size": 256.0}, "image_resize_size must be of type int | None"),
         ({"num_classes": 0}, "num_classes must be a positive integer or null"),
         ({"num_classes": True}, "num_classes must be of type int | None"),
         ({"image_mean": [0.5, 0.5]}, "image_mean and image_std need 3 values"),
@@ -50,6 +55,14 @@ def test_unknown_fields_are_named() -> None:
         CLIPConfig.from_dict({**CLIPConfig().to_dict(), "wings": 2, "colour": "red"})
     with pytest.raises(ConfigError, match="must be a mapping"):
         CLIPConfig.from_dict(["img_size", 224])  # type: ignore[arg-type]
+
+
+def test_old_checkpoints_is_flash_field_reads_as_use_sdpa() -> None:
+    old = {k: v for k, v in CLIPConfig().to_dict().items() if k not in ("use_sdpa", "mlp_act", "image_resize",
+                                                                       "image_resize_size")}
+    cfg = CLIPConfig.from_dict({**old, "is_flash": False})
+    assert cfg.use_sdpa is False
+    assert (cfg.mlp_act, cfg.image_resize, cfg.image_resize_size) == ("gelu", "crop_box", None)
 
 
 def test_odd_head_dim_is_fine_with_learned_positions() -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import CLIP, CLIPConfig
-from model.layers import Attention, apply_rope, linear, math_attention, rope_cache
+from model.layers import MLP, Attention, apply_rope, linear, math_attention, rope_cache
 
 
 def _micro(**kw) -> CLIPConfig:
@@ -74,10 +74,10 @@ def _reference_attention(attn: Attention, x: torch.Tensor, causal: bool) -> torc
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("is_flash", [True, False])
-def test_mha_equals_torch_multihead_attention(causal: bool, is_flash: bool) -> None:
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_mha_equals_torch_multihead_attention(causal: bool, use_sdpa: bool) -> None:
     torch.manual_seed(2)
-    attn = Attention(32, 4, 4, causal=causal, is_flash=is_flash).eval()
+    attn = Attention(32, 4, 4, causal=causal, use_sdpa=use_sdpa).eval()
     for p in attn.parameters():
         nn.init.normal_(p, std=0.2)
     x = torch.randn(3, 9, 32)
@@ -86,10 +86,10 @@ def test_mha_equals_torch_multihead_attention(causal: bool, is_flash: bool) -> N
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
-@pytest.mark.parametrize("is_flash", [True, False])
-def test_gqa_equals_mha_with_repeated_kv_heads(kv_heads: int, is_flash: bool) -> None:
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_gqa_equals_mha_with_repeated_kv_heads(kv_heads: int, use_sdpa: bool) -> None:
     torch.manual_seed(3)
-    attn = Attention(32, 4, kv_heads, causal=True, is_flash=is_flash).eval()
+    attn = Attention(32, 4, kv_heads, causal=True, use_sdpa=use_sdpa).eval()
     for p in attn.parameters():
         nn.init.normal_(p, std=0.2)
     assert attn.qkv.out_features == (4 + 2 * kv_heads) * 8  # GQA really shrinks K/V
@@ -122,8 +122,8 @@ def test_math_attention_matches_hand_softmax() -> None:
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_sdpa_path_equals_math_path_in_both_towers(text_pos: str, kv_heads: int) -> None:
     torch.manual_seed(6)
-    fused = CLIP(_micro(is_flash=True, text_pos=text_pos, text_n_kv_heads=kv_heads))
-    plain = CLIP(_micro(is_flash=False, text_pos=text_pos, text_n_kv_heads=kv_heads))
+    fused = CLIP(_micro(use_sdpa=True, text_pos=text_pos, text_n_kv_heads=kv_heads))
+    plain = CLIP(_micro(use_sdpa=False, text_pos=text_pos, text_n_kv_heads=kv_heads))
     plain.load_state_dict(fused.state_dict())
     pixels = torch.randn(4, 3, 16, 16)
     ids = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0, 0], [1, 3, 4, 5, 6, 7, 2], [1, 2, 0, 0, 0, 0, 0]])
@@ -164,3 +164,25 @@ def test_model_outputs_agree_between_inference_and_grad_mode() -> None:
     with torch.inference_mode():
         inferred = model(pixels, ids)[0]
     assert torch.allclose(with_grad, inferred, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_mlp_activation_is_the_configured_one(act: str) -> None:
+    torch.manual_seed(9)
+    mlp = MLP(16, 2.0, act=act)
+    x = torch.randn(2, 5, 16)
+    h = F.linear(x, mlp.fc.weight, mlp.fc.bias)
+    h = F.gelu(h) if act == "gelu" else h * torch.sigmoid(1.702 * h)
+    expected = F.linear(h, mlp.proj.weight, mlp.proj.bias)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), expected, atol=1e-5)
+    other = MLP(16, 2.0, act="quick_gelu" if act == "gelu" else "gelu")
+    other.load_state_dict(mlp.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(other(x), expected, atol=1e-3)  # the two activations really differ
+
+
+def test_quick_gelu_reaches_both_towers() -> None:
+    model = CLIP(_micro(mlp_act="quick_gelu"))
+    acts = {m.act for m in model.modules() if isinstance(m, MLP)}
+    assert acts == {"quick_gelu"} and len([m for m in model.modules() if isinstance(m, MLP)]) == 4

@@ -23,7 +23,7 @@ def _micro(**kw) -> CLIPConfig:
 def text_model(request: pytest.FixtureRequest) -> CLIP:
     torch.manual_seed(0)
     pos, flash = request.param
-    return CLIP(_micro(text_pos=pos, is_flash=flash)).eval()
+    return CLIP(_micro(text_pos=pos, use_sdpa=flash)).eval()
 
 
 # --------------------------------------------------------------------------- text tower
@@ -152,10 +152,10 @@ def test_cls_only_last_block_equals_the_full_computation(grad: bool) -> None:
 
 
 @pytest.mark.parametrize("text_pos", ["rope", "learned"])
-@pytest.mark.parametrize("is_flash", [True, False])
-def test_eot_only_last_block_equals_the_full_block(text_pos: str, is_flash: bool) -> None:
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_eot_only_last_block_equals_the_full_block(text_pos: str, use_sdpa: bool) -> None:
     torch.manual_seed(5)
-    model = CLIP(_micro(text_pos=text_pos, is_flash=is_flash)).train()  # dropout 0: train == eval numerics
+    model = CLIP(_micro(text_pos=text_pos, use_sdpa=use_sdpa)).train()  # dropout 0: train == eval numerics
     block = model.text.blocks[-1]
     x = torch.randn(4, 9, 32, requires_grad=True)
     pos = torch.tensor([0, 8, 3, 5])
