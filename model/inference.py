@@ -7,6 +7,8 @@ an image or a string to an embedding.
     clip.classify("cat.jpg", ["cat", "dog"])        # [{"label": "cat", "probability": .93, ...}, ...]
     clip.rank_texts("cat.jpg", ["a cat", "a dog"])  # probabilities per text, in input order
     clip.embed_texts(["a red circle"])              # (1, D) float32, L2-normalised
+
+The zero-shot arithmetic (prompts, template ensemble, ranking) is model/zeroshot.py.
 """
 
 from __future__ import annotations
@@ -23,28 +25,17 @@ from .checkpoint import load_checkpoint
 from .clip import CLIP
 from .image import DEFAULT_MAX_PIXELS, ImageSource, ImageTransform, open_image
 from .tokenizer import CLIPTokenizer
-
-# A small prompt ensemble: averaging label embeddings over templates is a cheap, reliable
-# zero-shot gain (CLIP paper, section 3.1.4).
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-    "a {}.",
+from .zeroshot import (  # DEFAULT_TEMPLATES: still imported from here by training/data/imagefolder.py
+    DEFAULT_TEMPLATES,
+    best_first,
+    label_prompts,
+    rank_labels,
+    softmax_at_temperature,
+    template_ensemble,
+    templates_or_default,
 )
 
-
-def label_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """Every template filled with every label, label-major (a template without "{}" gets the label appended)."""
-    return [t.replace("{}", label) if "{}" in t else f"{t} {label}" for label in labels for t in templates]
-
-
-def template_ensemble(prompt_embeddings: np.ndarray, n_labels: int) -> np.ndarray:
-    """One vector per label from its prompts' embeddings (label-major): the mean, renormalised."""
-    emb = prompt_embeddings.reshape(n_labels, -1, prompt_embeddings.shape[-1]).mean(axis=1)
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+__all__ = ["DEFAULT_TEMPLATES", "CLIPInference"]
 
 
 class CLIPInference:
@@ -117,22 +108,14 @@ class CLIPInference:
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per label: the renormalised mean over prompt templates."""
-        templates = list(templates or DEFAULT_TEMPLATES)
-        return template_ensemble(self.embed_texts(label_prompts(labels, templates)), len(labels))
+        prompts = label_prompts(labels, templates_or_default(templates))
+        return template_ensemble(self.embed_texts(prompts), len(labels))
 
     # ------------------------------------------------------------------ ranking
-    def _softmax(self, sims: np.ndarray) -> np.ndarray:
-        if sims.size == 0:
-            return sims.copy()
-        z = sims * self.logit_scale
-        z = z - z.max(axis=-1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=-1, keepdims=True)
-
     def scores(self, image_embedding: np.ndarray, text_embeddings: np.ndarray) -> list[tuple[float, float]]:
         """(similarity, probability) of each text for one image, probabilities at the learned temperature."""
         sims = text_embeddings @ image_embedding
-        probs = self._softmax(sims)
+        probs = softmax_at_temperature(sims, self.logit_scale)
         return [(float(s), float(p)) for s, p in zip(sims, probs)]
 
     def rank_texts(self, image: ImageSource, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -145,9 +128,8 @@ class CLIPInference:
         """Images sorted by similarity to the text (index = position in the input)."""
         txt = self.embed_texts([text])[0]
         sims = self.embed_images(images) @ txt
-        probs = self._softmax(sims)
-        order = np.argsort(-sims, kind="stable")
-        return [{"index": int(i), "similarity": float(sims[i]), "probability": float(probs[i])} for i in order]
+        probs = softmax_at_temperature(sims, self.logit_scale)
+        return [{"index": i, "similarity": float(sims[i]), "probability": float(probs[i])} for i in best_first(sims)]
 
     def classify(
         self, image: ImageSource, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
@@ -159,6 +141,4 @@ class CLIPInference:
             raise ValueError("no labels given and the checkpoint stores no class names")
         img = self.embed_images([image])[0]
         pairs = self.scores(img, self.label_embeddings(labels, templates))
-        preds = [{"label": l, "similarity": s, "probability": p} for l, (s, p) in zip(labels, pairs)]
-        preds.sort(key=lambda d: d["probability"], reverse=True)
-        return preds[:top_k] if top_k else preds
+        return [{"label": l, "similarity": s, "probability": p} for l, s, p in rank_labels(labels, pairs, top_k)]

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import clipforge_cli
 from model import load_checkpoint, read_meta
-from training.evaluate import class_embeddings, contrastive_val_loss, retrieval_metrics, zeroshot_metrics
+from model.zeroshot import top_k_accuracy as zeroshot_metrics
+from training.evaluate import class_embeddings, contrastive_val_loss, retrieval_metrics
 
 from test_train_support import write_imagefolder
 

@@ -3,21 +3,30 @@
 Retrieval follows the Flickr/COCO convention for several captions per image: an image
 query is right when any of its captions is in the top k; every caption is a text query,
 right when its own image is in the top k. Zero-shot classifies each image against class
-embeddings averaged over prompt templates (normalise, mean, renormalise).
+embeddings averaged over prompt templates (normalise, mean, renormalise), with the
+arithmetic of model/zeroshot.py that inference and the service use too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from model import CLIP, DEFAULT_TEMPLATES, CLIPInference, CLIPTokenizer, ImageTransform, clip_loss
-from model.image import DEFAULT_MAX_PIXELS
+from model import (
+    CLIP,
+    DEFAULT_MAX_PIXELS,
+    CLIPInference,
+    CLIPTokenizer,
+    ImageTransform,
+    clip_loss,
+    templates_or_default,
+    top_k_accuracy,
+)
 
 
 # --------------------------------------------------------------------------- pure metrics
@@ -66,26 +75,14 @@ def retrieval_metrics(
     return out
 
 
-def zeroshot_metrics(
-    image_emb: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor, ks: Sequence[int] = (1, 5)
-) -> dict[str, float]:
-    """Top-k accuracy of classifying each image by its most similar class embedding."""
-    logits = image_emb.float() @ class_emb.float().t()
-    order = logits.argsort(dim=1, descending=True)
-    out = {}
-    for k in ks:
-        kk = min(k, class_emb.shape[0])
-        out[f"top{k}"] = float((order[:, :kk] == labels.view(-1, 1)).any(dim=1).float().mean()) if len(labels) else 0.0
-    return out
-
-
 def class_embeddings(
     model: CLIP, tokenizer: CLIPTokenizer, class_names: Sequence[str], templates: Sequence[str] | None,
     device: torch.device,
 ) -> torch.Tensor:
     """Template-ensembled class embeddings via the inference API (one path for training and serving)."""
     was_training = model.training
-    emb = CLIPInference(model, tokenizer, device=device).label_embeddings(list(class_names), list(templates or DEFAULT_TEMPLATES))
+    inference = CLIPInference(model, tokenizer, device=device)
+    emb = inference.label_embeddings(list(class_names), templates_or_default(templates))
     model.train(was_training)
     return torch.from_numpy(emb)
 
@@ -162,6 +159,36 @@ def contrastive_val_loss(
     }
 
 
+@contextmanager
+def _eval_mode(model: CLIP) -> Iterator[None]:
+    """Evaluation mode for the block, then the mode the caller had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _embed_eval_images(
+    model: CLIP, records: list, device: torch.device, *, batch_size: int, num_workers: int,
+    autocast_dtype: torch.dtype | None, max_pixels: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """embed_records with the model's own evaluation transform."""
+    cfg = model.cfg
+    transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
+    return embed_records(model, records, transform, device, batch_size, num_workers, autocast_dtype, max_pixels)
+
+
+def _zeroshot_accuracy(
+    model: CLIP, tokenizer: CLIPTokenizer, image_emb: torch.Tensor, labels: torch.Tensor, *,
+    class_names: Sequence[str], templates: Sequence[str] | None, device: torch.device,
+) -> dict[str, float]:
+    """Top-1 and top-5 of the images against the template-ensembled class embeddings."""
+    cls_emb = class_embeddings(model, tokenizer, class_names, templates, device).float()
+    return top_k_accuracy(image_emb, labels, cls_emb)
+
+
 def evaluate(
     model: CLIP, tokenizer: CLIPTokenizer, records: list, device: torch.device, *,
     class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None, loss_batch_size: int = 128,
@@ -173,13 +200,9 @@ def evaluate(
     Retrieval runs on caption data; for labelled data whose captions are templates (many
     images share one caption) it is skipped unless retrieval=True.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        cfg = model.cfg
-        transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
-        img_emb, idx, n_bad = embed_records(model, records, transform, device, batch_size, num_workers,
-                                            autocast_dtype, max_pixels)
+    with _eval_mode(model):
+        img_emb, idx, n_bad = _embed_eval_images(model, records, device, batch_size=batch_size, num_workers=num_workers,
+                                                 autocast_dtype=autocast_dtype, max_pixels=max_pixels)
         kept = [records[i] for i in idx.tolist()]
         out: dict[str, Any] = {"n_images": len(kept), "n_bad": n_bad}
         if not kept:
@@ -203,13 +226,11 @@ def evaluate(
         if retrieval:
             out.update(retrieval_metrics(img_emb, text_emb, owner_t, text_group=text_group))
         if labelled:
-            cls_emb = class_embeddings(model, tokenizer, class_names, templates, device).float()
             labels = torch.tensor([r.label for r in kept])
-            zs = zeroshot_metrics(img_emb, labels, cls_emb)
+            zs = _zeroshot_accuracy(model, tokenizer, img_emb, labels, class_names=class_names, templates=templates,
+                                    device=device)
             out["zeroshot_top1"], out["zeroshot_top5"] = zs["top1"], zs["top5"]
         return out
-    finally:
-        model.train(was_training)
 
 
 def zeroshot_only(
@@ -217,15 +238,10 @@ def zeroshot_only(
     device: torch.device, batch_size: int = 256, num_workers: int = 0, autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Zero-shot top-1/top-5 on a labelled record list (the per-epoch held-out check)."""
-    was_training = model.training
-    model.eval()
-    try:
-        cfg = model.cfg
-        transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
-        img_emb, idx, n_bad = embed_records(model, records, transform, device, batch_size, num_workers, autocast_dtype)
+    with _eval_mode(model):
+        img_emb, idx, n_bad = _embed_eval_images(model, records, device, batch_size=batch_size, num_workers=num_workers,
+                                                 autocast_dtype=autocast_dtype, max_pixels=DEFAULT_MAX_PIXELS)
         labels = torch.tensor([records[i].label for i in idx.tolist()])
-        cls_emb = class_embeddings(model, tokenizer, class_names, templates, device).float()
-        zs = zeroshot_metrics(img_emb, labels, cls_emb)
+        zs = _zeroshot_accuracy(model, tokenizer, img_emb, labels, class_names=class_names, templates=templates,
+                                device=device)
         return {"top1": zs["top1"], "top5": zs["top5"], "n_images": int(len(idx)), "n_bad": n_bad}
-    finally:
-        model.train(was_training)
