@@ -1,6 +1,8 @@
 """Image index: FAISS embeddings + SQLite metadata + manifest, bound to one checkpoint.
 
-Depends on model only. See image_index.py for the API and store.py for the on-disk layout.
+Depends on model only. image_index.py is the API; snapshot.py the reads, additions.py the
+de-duplicated adds, commit.py the generation writes, store.py the on-disk layout and its
+atomic switch.
 """
 
 from .backends import INDEX_TYPES, IndexParams
@@ -11,12 +13,13 @@ from .errors import (
     IndexStoreError,
     PathOutsideRootError,
 )
-from .image_index import AddReport, ImageIndex, NewImage, SearchResult
+from .image_index import ImageIndex
 from .metadata import ImageRecord
+from .types import AddReport, NewImage, SearchResult
 
-IndexError_ = IndexStoreError  # the name the app contract used for the base error
+ImageIndexError = IndexStoreError  # the base class of every error the index raises
 
 __all__ = [
-    "INDEX_TYPES", "AddReport", "ImageIndex", "ImageRecord", "IndexError_", "IndexExistsError", "IndexMismatchError",
+    "INDEX_TYPES", "AddReport", "ImageIndex", "ImageIndexError", "ImageRecord", "IndexExistsError", "IndexMismatchError",
     "IndexNotFoundError", "IndexParams", "IndexStoreError", "NewImage", "PathOutsideRootError", "SearchResult",
 ]

@@ -183,29 +183,26 @@ def search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each (n, k); missing results have id -1. Query-time knobs never mutate the index."""
     if kind == "hnsw":
-        sp = faiss.SearchParametersHNSW()
-        sp.efSearch = max(int(ef_search or params.get("ef_search", 128)), k)
+        hnsw_params = faiss.SearchParametersHNSW()
+        hnsw_params.efSearch = max(int(ef_search or params.get("ef_search", 128)), k)
         if tombstones is not None and tombstones.selector is not None:
-            sp.sel = tombstones.selector
-        return index.search(queries, k, params=sp)
+            hnsw_params.sel = tombstones.selector
+        return index.search(queries, k, params=hnsw_params)
     if kind == "ivfpq":
-        ivf = faiss.SearchParametersIVF()
-        ivf.nprobe = int(nprobe or params.get("nprobe", 32))
+        ivf_params = faiss.SearchParametersIVF()
+        ivf_params.nprobe = int(nprobe or params.get("nprobe", 32))
         if tombstones is not None and tombstones.selector is not None:
-            ivf.sel = tombstones.selector
+            ivf_params.sel = tombstones.selector
         if not _id_mapped(index):
-            return index.search(queries, k, params=ivf)
-        sp = faiss.IndexRefineSearchParameters()
-        sp.k_factor = float(params.get("refine_k_factor") or 4)
-        sp.base_index_params = ivf
-        return index.search(queries, k, params=sp)
+            return index.search(queries, k, params=ivf_params)
+        refine_params = faiss.IndexRefineSearchParameters()
+        refine_params.k_factor = float(params.get("refine_k_factor") or 4)
+        refine_params.base_index_params = ivf_params
+        return index.search(queries, k, params=refine_params)
     if half_scan is not None and len(queries) == 1:
         return half_scan.search(queries, k)
-    # Exact search: FAISS picks its kernel by a process-wide threshold on the query count
-    # (BLAS from 20 by default). Measured on the quiet 2-core dev machine, 100k x 512, 1 thread:
-    # one query 17 ms by the per-query scan, 32 ms through BLAS; 16 queries 258 ms by the scan,
-    # 41 ms through BLAS. So: the scan for one query, BLAS for two or more. A concurrent reader
-    # may see the other's setting; that changes only speed, never the results.
+    # The per-query scan wins for one query, BLAS from two (docs/benchmarks.md). The threshold is
+    # process-wide: a concurrent reader may see the other's setting, which changes speed, not results.
     faiss.cvar.distance_compute_blas_threshold = 2 if len(queries) > 1 else 1 << 30
     return index.search(queries, k)
 
@@ -214,7 +211,7 @@ class HalfPrecisionScan:
     """A float16 copy of a flat index's vectors that makes single-query exact search twice as fast.
 
     One query scans every stored vector and is memory-bound, so reading 2 bytes per component
-    instead of 4 halves it (100k x 512 on the dev machine: 12.2 ms -> 5.9 ms). The answer stays
+    instead of 4 halves it (docs/benchmarks.md, Index). The answer stays
     exact: rounding to float16 moves a score q.x by at most |q| |x| 2^-11, so every vector whose
     float16 score is within twice that of the k-th best is re-scored from the float32 store,
     and the candidate pool grows until it covers that margin.
@@ -277,12 +274,18 @@ def ivfpq_trainable(count: int, params: IndexParams) -> bool:
 _RANK = {"flat": 0, "hnsw": 1, "ivfpq": 2}
 
 
-def target_type(requested: str, current: str, count: int, params: IndexParams) -> str:
-    """The type an index of `count` vectors should have now; types are only ever promoted.
+def fitting_type(requested: str, count: int, params: IndexParams) -> str:
+    """The type `requested` means for `count` vectors.
 
     An explicit ivfpq index stays exact (flat) until it holds enough vectors to train on.
     """
     wanted = choose_type(requested, count)
     if wanted == "ivfpq" and not ivfpq_trainable(count, params):
         wanted = "flat" if requested == "ivfpq" else "hnsw"
+    return wanted
+
+
+def target_type(requested: str, current: str, count: int, params: IndexParams) -> str:
+    """The type an index of `count` vectors should have now; types are only ever promoted."""
+    wanted = fitting_type(requested, count, params)
     return wanted if _RANK[wanted] > _RANK[current] else current

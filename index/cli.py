@@ -7,21 +7,28 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends import REQUESTABLE
 from .errors import IndexStoreError
-from .image_index import AddReport, ImageIndex
+from .image_index import ImageIndex
+from .types import AddReport
 
-
-def _load_clip(checkpoint: str | None, idx: ImageIndex | None, device: str, max_pixels: int | None = None) -> Any:
+if TYPE_CHECKING:
     from model import CLIPInference
+
+
+def _load_clip(
+    checkpoint: str | None, idx: ImageIndex | None, *, device: str, max_pixels: int | None = None,
+) -> CLIPInference:
+    from model import CLIPInference
+    from model.device import resolve_device
 
     path = checkpoint or (idx.manifest.checkpoint_path if idx is not None else None)
     if not path:
         raise IndexStoreError("this index records no checkpoint path; pass --checkpoint")
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return CLIPInference.load(path, device=device, **kwargs)
+    return CLIPInference.load(path, device=resolve_device(device), **kwargs)
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +67,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "CURRENT").exists():
         raise IndexStoreError(f"{out} already holds an index; use `clipforge index add {out} DIR` (duplicates are skipped)")
-    clip = _load_clip(args.checkpoint, None, args.device, args.max_pixels)
+    clip = _load_clip(args.checkpoint, None, device=args.device, max_pixels=args.max_pixels)
     params = _params(args)
     started = time.perf_counter()
     if args.images:
@@ -107,7 +114,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     from .files import expand_inputs
 
     idx = ImageIndex.open(args.index)
-    clip = _load_clip(args.checkpoint, idx, args.device, args.max_pixels)
+    clip = _load_clip(args.checkpoint, idx, device=args.device, max_pixels=args.max_pixels)
     idx.check_model(clip)
     files = expand_inputs(args.paths, exclude=[Path(args.index)])
     started = time.perf_counter()
@@ -155,7 +162,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     idx = ImageIndex.open(args.index, mmap=args.mmap)
-    clip = _load_clip(args.checkpoint, idx, args.device)
+    clip = _load_clip(args.checkpoint, idx, device=args.device)
     idx.check_model(clip)
     if args.image:
         vectors = clip.embed_images([args.image])
@@ -197,10 +204,14 @@ def _add_type_flags(p: argparse.ArgumentParser, with_type_default: bool) -> None
                    help="IVF-PQ: re-rank k*factor candidates with float16 vectors (default 4; 0: codes only)")
 
 
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (the GPU when one is visible)")
+
+
 def _add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1, up to 8)")
-    p.add_argument("--device", default="cpu")
+    _add_device_flag(p)
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels than this")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -249,7 +260,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--ef-search", type=int, default=None)
     search.add_argument("--nprobe", type=int, default=None)
     search.add_argument("--checkpoint", help="checkpoint (default: the one recorded at build)")
-    search.add_argument("--device", default="cpu")
+    _add_device_flag(search)
     search.add_argument("--mmap", action="store_true", help="memory-map the index instead of loading it")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)

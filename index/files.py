@@ -8,9 +8,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from .errors import PathOutsideRootError
+from model.image import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+from .errors import PathOutsideRootError
 
 
 def is_image_name(path: str | Path) -> bool:

@@ -48,7 +48,9 @@ class EmbeddedBatch:
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, sources: Sequence[Path | bytes], transform: ImageTransform, max_pixels: int, max_bytes: int) -> None:
+    def __init__(
+        self, sources: Sequence[Path | bytes], transform: ImageTransform, *, max_pixels: int, max_bytes: int,
+    ) -> None:
         self.sources = sources
         self.transform = transform
         self.max_pixels = max_pixels
@@ -101,6 +103,7 @@ def default_workers() -> int:
 def embed_sources(
     clip: CLIPInference,
     sources: Sequence[Path | bytes],
+    *,
     batch_size: int = 64,
     workers: int | None = None,
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -115,7 +118,7 @@ def embed_sources(
     """
     if workers is None:
         workers = default_workers() if len(sources) >= 4 * batch_size else 0
-    dataset = _DecodeDataset(sources, clip.transform, clip.max_pixels, max_bytes)
+    dataset = _DecodeDataset(sources, clip.transform, max_pixels=clip.max_pixels, max_bytes=max_bytes)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,

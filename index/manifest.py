@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from model.fileio import utc_timestamp
 
 from .errors import IndexStoreError
 
 FORMAT_VERSION = 1
 METRIC = "inner_product"  # on L2-normalised vectors, i.e. cosine similarity
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 @dataclass
@@ -34,8 +31,8 @@ class Manifest:
     next_id: int = 1
     generation: int = 1
     metric: str = METRIC
-    created: str = field(default_factory=utc_now)
-    updated: str = field(default_factory=utc_now)
+    created: str = field(default_factory=utc_timestamp)
+    updated: str = field(default_factory=utc_timestamp)
     checkpoint_path: str | None = None  # a hint for the CLI; the hash is what is checked
     format: int = FORMAT_VERSION
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import fsync_path
+from model.fileio import fsync_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -62,26 +62,21 @@ class MetadataReader:
         with self._lock:
             return self._conn.execute(sql, tuple(args)).fetchall()
 
+    def _rows_where_in(self, columns: str, key: str, values: Iterable) -> list[tuple]:
+        """SELECT columns for rows whose `key` is one of `values` (each asked once, in chunks)."""
+        rows: list[tuple] = []
+        for part in _chunks(list(dict.fromkeys(values))):
+            rows += self._query(f"SELECT {columns} FROM images WHERE {key} IN ({','.join('?' * len(part))})", part)
+        return rows
+
     def get_many(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
-        out: dict[int, ImageRecord] = {}
-        for part in _chunks(list(dict.fromkeys(int(i) for i in ids))):
-            rows = self._query(f"SELECT {_COLUMNS} FROM images WHERE id IN ({','.join('?' * len(part))})", part)
-            out.update((r[0], ImageRecord(*r)) for r in rows)
-        return out
+        return {r[0]: ImageRecord(*r) for r in self._rows_where_in(_COLUMNS, "id", (int(i) for i in ids))}
 
     def ids_by_hash(self, hashes: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for part in _chunks(list(dict.fromkeys(hashes))):
-            rows = self._query(f"SELECT sha256, id FROM images WHERE sha256 IN ({','.join('?' * len(part))})", part)
-            out.update(rows)
-        return out
+        return dict(self._rows_where_in("sha256, id", "sha256", hashes))
 
     def ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for part in _chunks(list(dict.fromkeys(paths))):
-            rows = self._query(f"SELECT path, id FROM images WHERE path IN ({','.join('?' * len(part))})", part)
-            out.update(rows)
-        return out
+        return dict(self._rows_where_in("path, id", "path", paths))
 
     def ids_under(self, prefix: str) -> list[int]:
         """Ids of records whose path lies in the folder `prefix` (POSIX, relative)."""

@@ -10,7 +10,7 @@
       uploads/           (when the root is the index folder) files stored by add_bytes
 
 A writer builds the next generation in a hidden temporary folder, fsyncs every file,
-renames it to gen-N, then replaces CURRENT. A kill before the CURRENT rename leaves the
+renames it to gen-N, then replaces CURRENT (model.fileio.write_atomic). A kill before the CURRENT rename leaves the
 old generation live, after it the new one; the three files always switch together.
 """
 
@@ -21,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
+from model.fileio import fsync_path, write_atomic
+
 from .errors import IndexNotFoundError, IndexStoreError
 
 CURRENT = "CURRENT"
@@ -29,20 +31,16 @@ FAISS_FILE = "index.faiss"
 DB_FILE = "meta.sqlite"
 MANIFEST_FILE = "manifest.json"
 _GEN_RE = re.compile(r"^gen-(\d{8})$")
+_POINTER_TMP_RE = re.compile(rf"^\.{CURRENT}\.(?:[\d.]+\.)?tmp$")  # write_atomic's temporary CURRENT
+
+
+def _is_staging_leftover(name: str) -> bool:
+    """A half-written generation folder or CURRENT pointer of a writer that was killed."""
+    return bool(_POINTER_TMP_RE.match(name)) or (name.startswith(".gen-") and name.endswith(".tmp"))
 
 
 def gen_name(generation: int) -> str:
     return f"gen-{generation:08d}"
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories make renames inside them durable)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_index_dir(path: Path) -> bool:
@@ -55,7 +53,7 @@ def is_empty_or_crashed_create(directory: Path) -> bool:
         return False
     for entry in Path(directory).iterdir():
         name = entry.name
-        if name in (LOCK, f".{CURRENT}.tmp") or _GEN_RE.match(name) or (name.startswith(".gen-") and name.endswith(".tmp")):
+        if name == LOCK or _GEN_RE.match(name) or _is_staging_leftover(name):
             continue
         return False
     return True
@@ -105,27 +103,24 @@ def publish(directory: Path, staging: Path, generation: int) -> Path:
         shutil.rmtree(final)
     os.rename(staging, final)
     fsync_path(directory)
-    pointer_tmp = directory / f".{CURRENT}.tmp"
-    with open(pointer_tmp, "w", encoding="ascii") as fh:
-        fh.write(gen_name(generation) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(pointer_tmp, directory / CURRENT)
-    fsync_path(directory)
+    write_atomic(directory / CURRENT, gen_name(generation) + "\n")
     return final
 
 
 def clean_up(directory: Path, live: int) -> None:
     """Drop staging leftovers, uncommitted orphans and all but the previous generation.
 
-    The previous one stays so a reader in another process that has just read CURRENT can
+    The caller holds the write lock, so no leftover belongs to a live writer. The previous one stays so a reader in another process that has just read CURRENT can
     still open it; readers in this process hold open handles, which outlive the unlink.
     """
     directory = Path(directory)
     for entry in directory.iterdir():
         name = entry.name
-        if name.startswith(".gen-") and name.endswith(".tmp"):
-            shutil.rmtree(entry, ignore_errors=True)
+        if _is_staging_leftover(name):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         match = _GEN_RE.match(name)
         if match and int(match.group(1)) not in (live, live - 1):
             shutil.rmtree(entry, ignore_errors=True)

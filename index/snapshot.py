@@ -1,0 +1,179 @@
+"""One committed generation as readers see it: loaded from disk once, then searched and checked without locks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from . import backends, store
+from .backends import Tombstones
+from .errors import IndexStoreError
+from .files import relative_to_root
+from .manifest import Manifest
+from .metadata import ImageRecord, MetadataReader
+from .types import SearchResult
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a search needs, swapped as one attribute so a reader never sees half an update."""
+
+    generation: int
+    manifest: Manifest
+    index: faiss.Index
+    db: MetadataReader
+    tombstones: Tombstones
+    mmap: bool
+    half_scan: backends.HalfPrecisionScan | None = None
+
+    @classmethod
+    def assemble(
+        cls, *, generation: int, manifest: Manifest, index: faiss.Index, db: MetadataReader,
+        tombstone_ids: np.ndarray, mmap: bool,
+    ) -> Snapshot:
+        """A snapshot with the tombstone selector and half-precision scan its index calls for."""
+        kind = manifest.index_type
+        tombstones = Tombstones(tombstone_ids, index, kind)
+        half_scan = backends.HalfPrecisionScan.for_index(index, kind, mmap)
+        return cls(generation, manifest, index, db, tombstones, mmap, half_scan)
+
+
+def normalise_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Rows of `vectors` as unit float32 vectors, refusing a wrong shape or non-finite values."""
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise IndexStoreError(f"expected vectors of shape (n, {dim}), got {tuple(np.shape(vectors))}")
+    if not np.isfinite(arr).all():
+        raise IndexStoreError("vectors contain NaN or infinite values")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    return np.ascontiguousarray(arr / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def read_faiss(path: Path, mmap: bool) -> faiss.Index:
+    # Full-size vector storage (flat, HNSW storage, IVF-PQ float16 re-rank copies) is mapped; PQ codes are read.
+    flags = (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        raise IndexStoreError(f"cannot read FAISS index {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_snapshot(directory: Path, mmap: bool) -> Snapshot:
+    """The live generation; retried when a writer in another process retires it while we read."""
+    last: Exception | None = None
+    for _ in range(5):
+        generation = store.read_current(directory)
+        gen_dir = directory / store.gen_name(generation)
+        try:
+            manifest = Manifest.from_file(gen_dir / store.MANIFEST_FILE)
+            if not (gen_dir / store.DB_FILE).is_file() or not (gen_dir / store.FAISS_FILE).is_file():
+                raise IndexStoreError(f"{gen_dir} is incomplete")
+            db = MetadataReader(gen_dir / store.DB_FILE)
+            index = read_faiss(gen_dir / store.FAISS_FILE, mmap)
+        except IndexStoreError as exc:
+            if store.read_current(directory) != generation:
+                last = exc
+                continue  # replaced under us: read the new pointer
+            raise
+        if index.d != manifest.dim:
+            raise IndexStoreError(f"{gen_dir}: FAISS index has dimension {index.d}, manifest says {manifest.dim}")
+        tombstone_ids = np.array(db.tombstones() if manifest.tombstones else [], dtype=np.int64)
+        return Snapshot.assemble(
+            generation=generation, manifest=manifest, index=index, db=db, tombstone_ids=tombstone_ids, mmap=mmap,
+        )
+    raise IndexStoreError(f"{directory} keeps changing while being opened: {last}")
+
+
+def search_snapshot(
+    snapshot: Snapshot, vectors: np.ndarray, k: int, *, min_score: float | None = None,
+    ef_search: int | None = None, nprobe: int | None = None,
+) -> list[list[SearchResult]]:
+    """The k most similar images for each query vector (rows of `vectors`), best first."""
+    m = snapshot.manifest
+    queries = normalise_vectors(vectors, m.dim)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise IndexStoreError(f"k must be a positive integer, got {k!r}")
+    if m.count == 0:
+        return [[] for _ in range(len(queries))]
+    k_searched = int(min(k, snapshot.index.ntotal))
+    scores, ids = backends.search(
+        snapshot.index, m.index_type, queries, k_searched, m.params, snapshot.tombstones, ef_search, nprobe,
+        snapshot.half_scan,
+    )
+    records = snapshot.db.get_many([int(i) for i in np.unique(ids) if i >= 0])
+    out: list[list[SearchResult]] = []
+    for row_scores, row_ids in zip(scores, ids):
+        hits = []
+        for score, image_id in zip(row_scores, row_ids):
+            rec = records.get(int(image_id))
+            if rec is None or (min_score is not None and score < min_score):
+                continue
+            hits.append(SearchResult(rec.id, float(score), rec.path, rec.caption, rec.width, rec.height))
+        out.append(hits[:k])
+    return out
+
+
+def verify_snapshot(snapshot: Snapshot, directory: Path) -> dict[str, int]:
+    """Check that FAISS, SQLite and the manifest agree; raises IndexStoreError when they do not."""
+    m = snapshot.manifest
+    faiss_ids = backends.stored_ids(snapshot.index, m.index_type)
+    live = np.setdiff1d(faiss_ids, snapshot.tombstones.ids)
+    db_ids = np.array(snapshot.db.all_ids(), dtype=np.int64)
+    problems = []
+    if len(faiss_ids) != len(np.unique(faiss_ids)):
+        problems.append("duplicate ids in FAISS")
+    if not np.array_equal(np.sort(live), db_ids):
+        problems.append(f"FAISS holds {len(live)} live ids, SQLite {len(db_ids)} rows, and they differ")
+    if m.count != len(db_ids):
+        problems.append(f"manifest count {m.count} != {len(db_ids)} rows")
+    if m.tombstones != len(snapshot.tombstones):
+        problems.append(f"manifest tombstones {m.tombstones} != {len(snapshot.tombstones)}")
+    if len(db_ids) and db_ids.max() >= m.next_id:
+        problems.append("an id is not below next_id")
+    if problems:
+        raise IndexStoreError(f"index {directory} is inconsistent: " + "; ".join(problems))
+    return {"count": len(db_ids), "faiss_ntotal": int(snapshot.index.ntotal), "tombstones": len(snapshot.tombstones)}
+
+
+def describe_snapshot(snapshot: Snapshot, *, directory: Path, root: Path, uploads_dir: Path) -> dict[str, Any]:
+    """What `clipforge index info` and the service's info endpoint show."""
+    m = snapshot.manifest
+    try:
+        size = sum(f.stat().st_size for f in (directory / store.gen_name(snapshot.generation)).iterdir())
+    except FileNotFoundError:  # retired by a writer in another process since we loaded it
+        size = 0
+    return {
+        "path": str(directory), "count": m.count, "index_type": m.index_type, "requested_type": m.requested_type,
+        "params": dict(m.params), "dim": m.dim, "metric": m.metric, "checkpoint_hash": m.model_id,
+        "checkpoint_path": m.checkpoint_path, "root": str(root), "uploads": str(uploads_dir),
+        "tombstones": m.tombstones, "next_id": m.next_id, "generation": snapshot.generation,
+        "created": m.created, "updated": m.updated, "size_bytes": size, "mmap": snapshot.mmap,
+        "faiss_ntotal": int(snapshot.index.ntotal),
+    }
+
+
+def records_to_remove(snapshot: Snapshot, root: Path, targets: Iterable[int | str | Path]) -> dict[int, ImageRecord]:
+    """The records named by ids, by paths (relative to the root, or absolute inside it) or by folders."""
+    ids: set[int] = set()
+    paths: list[str] = []
+    for t in targets:
+        if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+            ids.add(int(t))
+            continue
+        p = Path(t)
+        rel = relative_to_root(p, root) if p.is_absolute() else Path(str(t)).as_posix()
+        if rel is not None:
+            paths.append(rel.rstrip("/"))
+    found = snapshot.db.ids_by_path(paths)
+    ids.update(found.values())
+    for rel in paths:
+        if rel not in found:
+            ids.update(snapshot.db.ids_under(rel))
+    return snapshot.db.get_many(sorted(ids))
