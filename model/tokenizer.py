@@ -1,20 +1,30 @@
-"""A byte-level BPE tokenizer trained with Hugging Face `tokenizers` on captions.
+"""Byte-level BPE tokenizers on Hugging Face `tokenizers`: trained on captions, or CLIP's own.
 
 Byte-level means every string (emoji, CJK, control characters) has an encoding, so
 encoding never fails; training gives the special tokens ids 0-2 to match CLIPConfig's defaults.
+CLIP's pretrained 49,408-token BPE (`</w>` word ends, its lowercase and regex split) is built
+from vocab.json + merges.txt or a transformers tokenizer.json, with the ids transformers gives.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, SOT, EOT]  # ids 0, 1, 2
+# CLIP's vocabulary has no pad token; like open_clip, rows are padded with id 0 ("!"). The
+# text tower is causal and pools at the first EOT, so what follows EOT never matters.
+CLIP_PAD = "!"
+CLIP_CONTEXT_LENGTH = 77
+CLIP_VOCAB_SIZE = 49408
+# OpenAI CLIP's pre-tokeniser split (transformers' CLIPTokenizer uses the same pattern).
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # Longer inputs are cut (in characters, after normalising) before BPE: 64 tokens never
 # need more, and it keeps a 1 MB query from costing a 1 MB BPE pass.
 _MAX_CHARS_PER_TOKEN = 64
@@ -50,29 +60,107 @@ def _normalizer(lowercase: bool, nfc: bool, collapse_whitespace: bool) -> normal
     return normalizers.Sequence(steps) if steps else None
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's map of the 256 byte values to printable characters, in CLIP's vocabulary order.
+
+    Printable bytes map to themselves and come first; the rest follow as chr(256 + n).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + len(chars) - len(printable))
+    return chars
+
+
+def clip_bpe_from_merges_file(path: str | Path) -> tuple[dict[str, int], list[str]]:
+    """vocab.json's mapping and merges.txt's lines from OpenAI's bpe_simple_vocab_16e6.txt(.gz), as CLIP builds them.
+
+    The vocabulary is the 256 byte characters, the same with `</w>`, the first 48,894 merges
+    joined, then the start and end tokens: 49,408 in all.
+    """
+    raw = Path(path).read_bytes()
+    text = gzip.decompress(raw).decode("utf-8") if raw[:2] == b"\x1f\x8b" else raw.decode("utf-8")
+    merges = text.split("\n")[1 : 1 + CLIP_VOCAB_SIZE - 2 * 256 - 2]
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges] + [SOT, EOT]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
 class CLIPTokenizer:
     """Captions in, right-padded (B, T) id tensors out, each row `<sot> ... <eot> <pad>*`."""
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, max_length: int, *, pad_token: str = PAD, sot_token: str = SOT,
+        eot_token: str = EOT,
+    ) -> None:
         if max_length < 3:
             raise ValueError("max_length must be at least 3 (start, one token, end)")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.special_tokens = (pad_token, sot_token, eot_token)
         # Read the special ids rather than assume 0-2, so a checkpoint whose tokenizer and
         # config disagree is reported by the config field (see checkpoint.check_tokenizer).
-        ids = [tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS]
-        for tok, i in zip(SPECIAL_TOKENS, ids):
+        ids = [tokenizer.token_to_id(tok) for tok in self.special_tokens]
+        for tok, i in zip(self.special_tokens, ids):
             if i is None:
                 raise ValueError(f"tokenizer has no {tok} token")
         if len(set(ids)) != 3:
             raise ValueError("tokenizer's pad, start and end tokens must have distinct ids")
         self.pad_id, self.sot_id, self.eot_id = ids
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{SOT} $A {EOT}", special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)]
+            single=f"{sot_token} $A {eot_token}", special_tokens=[(sot_token, self.sot_id), (eot_token, self.eot_id)]
         )
         # Truncation counts the two added specials, so EOT always survives.
         tokenizer.enable_truncation(max_length)
-        tokenizer.enable_padding(direction="right", pad_id=self.pad_id, pad_token=PAD)
+        tokenizer.enable_padding(direction="right", pad_id=self.pad_id, pad_token=pad_token)
+
+    # ------------------------------------------------------------------ CLIP's pretrained BPE
+    @classmethod
+    def from_clip_bpe(
+        cls, vocab: dict[str, int], merges: list[str], max_length: int = CLIP_CONTEXT_LENGTH,
+    ) -> CLIPTokenizer:
+        """CLIP's tokenizer from vocab.json's mapping and merges.txt's lines (a "#version" header is skipped).
+
+        The same pipeline transformers' CLIPTokenizer builds: NFC, whitespace runs to one
+        space, lowercase; CLIP's regex split; byte-level BPE with `</w>` ending each word.
+        """
+        merge_pairs = [tuple(m.split()) for m in merges if m.strip() and not m.startswith("#version")]
+        if any(len(p) != 2 for p in merge_pairs):
+            raise ValueError("merges must be lines of two space-separated symbols")
+        for tok in (SOT, EOT, CLIP_PAD):
+            if tok not in vocab:
+                raise ValueError(f"vocabulary has no {tok} token: not CLIP's BPE")
+        tok = Tokenizer(models.BPE(
+            vocab=dict(vocab), merges=merge_pairs, continuing_subword_prefix="", end_of_word_suffix="</w>",
+            fuse_unk=False, unk_token=EOT,
+        ))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([SOT, EOT])
+        return cls(tok, max_length, pad_token=CLIP_PAD)
+
+    @classmethod
+    def from_tokenizer_json(
+        cls, text: str, max_length: int = CLIP_CONTEXT_LENGTH, *, pad_token: str = CLIP_PAD, sot_token: str = SOT,
+        eot_token: str = EOT,
+    ) -> CLIPTokenizer:
+        """A transformers tokenizer.json (CLIP's BPE) as it is: its normaliser, split and model are kept."""
+        tok = Tokenizer.from_str(text)
+        tok.no_truncation()
+        tok.no_padding()
+        return cls(tok, max_length, pad_token=pad_token, sot_token=sot_token, eot_token=eot_token)
+
+    @property
+    def end_of_word_suffix(self) -> str:
+        """`</w>` for CLIP's BPE, "" for the trained byte-level ones."""
+        return getattr(self.tokenizer.model, "end_of_word_suffix", None) or ""
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -128,12 +216,20 @@ class CLIPTokenizer:
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if self.end_of_word_suffix:  # CLIP pads with an ordinary token ("!"): drop everything after EOT
+            ids = ids[: ids.index(self.eot_id)] if self.eot_id in ids else ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.end_of_word_suffix:
+            text = " ".join(text.replace(self.end_of_word_suffix, " ").split())
+        return text.strip()
 
     # ------------------------------------------------------------------ persistence
     def to_str(self) -> str:
         data = json.loads(self.tokenizer.to_str())
-        data["clipforge"] = {"max_length": self.max_length}
+        extra: dict[str, object] = {"max_length": self.max_length}
+        if self.special_tokens != (PAD, SOT, EOT):  # older checkpoints have the defaults and no such keys
+            extra.update(zip(("pad_token", "sot_token", "eot_token"), self.special_tokens))
+        data["clipforge"] = extra
         return json.dumps(data, ensure_ascii=False)
 
     def save(self, path: str | Path) -> None:
@@ -144,7 +240,10 @@ class CLIPTokenizer:
         data = json.loads(text)
         extra = data.pop("clipforge", {})
         tok = Tokenizer.from_str(json.dumps(data))
-        return cls(tok, int(extra.get("max_length", 64)))
+        return cls(
+            tok, int(extra.get("max_length", 64)), pad_token=extra.get("pad_token", PAD),
+            sot_token=extra.get("sot_token", SOT), eot_token=extra.get("eot_token", EOT),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> CLIPTokenizer:

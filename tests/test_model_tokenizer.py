@@ -145,3 +145,73 @@ def test_long_text_is_still_cut_to_max_length(tok: CLIPTokenizer, raw_tok: CLIPT
     assert raw_tok.decode(raw_tok.encode(" " * 2000 + "a red circle")[0]).strip() == ""
     # The normaliser reads at most a million characters looking for text: the cost stays bounded.
     assert tok.encode(" " * 2_000_000 + "a red circle").tolist() == [[1, 2]]
+
+
+# --------------------------------------------------------------------------- CLIP's pretrained BPE
+TRICKY_TEXTS = [
+    "A photo of a CAT.",
+    "Café crème brûlée, naïve façade; déjà vu",
+    "cafe\u0301 (decomposed accent)",
+    "🐱🐶 emoji 👩‍👩‍👧‍👦 family 🇫🇷",
+    "   leading, trailing   and\t\ttabbed\n\nwhitespace runs   ",
+    "numbers 12345 3.14159 1,000,000 and 2nd 21st",
+    "don't you're we've I'm they'll he'd it's DON'T",
+    "punctuation!!! ?? ... ;;; (brackets) [x] {y} <html> &amp; #tag @user",
+    "一只红色的猫坐在桌子上",
+    "ÀÉÎÕÜ İSTANBUL straße ǅ",
+    "pneumonoultramicroscopicsilicovolcanoconiosis " * 3,
+    " ".join(f"word{i}" for i in range(200)),  # truncated at 77
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, int], list[str], Path]:
+    from clip_vocab import clip_bpe, write_vocab_and_merges
+
+    tmp = tmp_path_factory.mktemp("clip_bpe")
+    vocab, merges = clip_bpe(tmp)
+    write_vocab_and_merges(tmp / "hf", vocab, merges)
+    return vocab, merges, tmp / "hf"
+
+
+def _ids_to_eot(tok: CLIPTokenizer, text: str) -> list[int]:
+    row = tok.encode(text)[0].tolist()
+    return row[: row.index(tok.eot_id) + 1]
+
+
+def test_clip_bpe_vocabulary_is_clips(clip_files) -> None:
+    vocab, merges, _ = clip_files
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert (vocab["!"], vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (0, 49406, 49407)
+    assert vocab["a</w>"] == 256 + ord("a") - ord("!")
+    tok = CLIPTokenizer.from_clip_bpe(vocab, merges)
+    assert (tok.sot_id, tok.eot_id, tok.pad_id, tok.max_length, tok.vocab_size) == (49406, 49407, 0, 77, 49408)
+
+
+def test_clip_bpe_ids_equal_transformers(clip_files) -> None:
+    transformers = pytest.importorskip("transformers")
+    vocab, merges, hf_dir = clip_files
+    theirs = transformers.CLIPTokenizer.from_pretrained(str(hf_dir))
+    theirs.save_pretrained(str(hf_dir.parent / "saved"))  # transformers writes tokenizer.json
+    fast = transformers.CLIPTokenizerFast.from_pretrained(str(hf_dir.parent / "saved"))
+    ours = CLIPTokenizer.from_clip_bpe(vocab, merges)
+    from_json = CLIPTokenizer.from_tokenizer_json((hf_dir.parent / "saved" / "tokenizer.json").read_text("utf-8"))
+    for text in TRICKY_TEXTS:
+        expected = theirs(text, truncation=True, max_length=77)["input_ids"]
+        assert fast(text, truncation=True, max_length=77)["input_ids"] == expected
+        assert _ids_to_eot(ours, text) == expected, text
+        assert _ids_to_eot(from_json, text) == expected, text
+    long = ours.encode(TRICKY_TEXTS[-2])
+    assert long.shape == (1, 77) and long[0, -1].item() == 49407
+    batch = ours.encode(["a dog", "A DOG on the beach"])
+    assert batch[0].tolist()[3:] == [49407] + [0] * (batch.shape[1] - 4)  # padded with id 0, like open_clip
+
+
+def test_clip_bpe_survives_save_and_load(clip_files) -> None:
+    vocab, merges, _ = clip_files
+    ours = CLIPTokenizer.from_clip_bpe(vocab, merges)
+    again = CLIPTokenizer.from_str(ours.to_str())
+    assert (again.pad_id, again.sot_id, again.eot_id, again.max_length) == (0, 49406, 49407, 77)
+    assert torch.equal(again.encode(TRICKY_TEXTS), ours.encode(TRICKY_TEXTS))
+    assert again.decode(again.encode("Hello, World! Café")[0]) == "hello , world ! café"
