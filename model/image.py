@@ -12,13 +12,16 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, ImageTooLargeError
+
+if TYPE_CHECKING:
+    from .config import CLIPConfig
 
 ImageSource = str | Path | bytes | BinaryIO | Image.Image
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; raise for gigapixel scans on purpose
@@ -91,30 +94,65 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _to_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def _to_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor, exact_rescale: bool = False) -> torch.Tensor:
+    """uint8 RGB -> normalised float32; exact_rescale multiplies by 1/255 in float64 as transformers does."""
     arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    x = arr.view(img.size[1], img.size[0], 3).permute(2, 0, 1).float().div_(255.0)
+    x = arr.view(img.size[1], img.size[0], 3).permute(2, 0, 1)
+    x = x.double().mul_(1 / 255).float() if exact_rescale else x.float().div_(255.0)
     return x.sub_(mean).div_(std)
+
+
+def resize_shortest_edge(img: Image.Image, edge: int) -> Image.Image:
+    """Bicubic resize of the short side to `edge`, the long side to int(edge * long / short), as transformers does."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(edge * long / short)
+    return img.resize((edge, new_long) if w <= h else (new_long, edge), Image.Resampling.BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """The size x size window at offset (dim - size) // 2 on each axis (transformers' centre crop)."""
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 class ImageTransform:
     """RGB PIL image -> normalised (3, size, size) tensor.
 
-    Eval: bicubic resize of the short side, centre crop. Train: random resized crop
-    (scale and aspect jitter), no horizontal flip by default since captions say left and right.
+    Eval, resize "crop_box": the centred square resized to size in one bicubic step; "shortest_edge":
+    transformers' CLIPImageProcessor, the short side to resize_size then a centre crop, so
+    imported models see what they were trained on. Train: random resized crop (scale and
+    aspect jitter), no horizontal flip by default since captions say left and right.
     """
 
     def __init__(
         self, size: int, mean: Sequence[float], std: Sequence[float], train: bool = False,
         scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = False,
+        *, resize: str = "crop_box", resize_size: int | None = None,
     ) -> None:
+        if resize not in ("crop_box", "shortest_edge"):
+            raise ValueError(f"resize must be 'crop_box' or 'shortest_edge', got {resize!r}")
         self.size = size
+        self.resize = resize
+        self.resize_size = resize_size or size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.train = train
         self.scale = scale
         self.ratio = ratio
         self.hflip = hflip
+
+    @classmethod
+    def for_config(cls, cfg: CLIPConfig, train: bool = False, **kwargs: Any) -> ImageTransform:
+        """The transform a model's config asks for (size, mean, std and its resize)."""
+        return cls(cfg.img_size, cfg.image_mean, cfg.image_std, train, resize=cfg.image_resize,
+                   resize_size=cfg.image_resize_size, **kwargs)
+
+    @property
+    def draft_size(self) -> int | None:
+        """The JPEG draft size open_image may decode at; None where the resize must see every pixel."""
+        return None if self.resize == "shortest_edge" else self.size
 
     def _center_box(self, w: int, h: int) -> tuple[float, float, float, float]:
         side = min(w, h)
@@ -137,6 +175,9 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         img = to_rgb(img)
+        if self.resize == "shortest_edge" and not self.train:
+            out = center_crop(resize_shortest_edge(img, self.resize_size), self.size)
+            return _to_tensor(out, self.mean, self.std, exact_rescale=True)
         w, h = img.size
         box = self._random_box(w, h, rng or random) if self.train else self._center_box(w, h)
         # One resampling step: crop box and resize together, bicubic.
@@ -150,4 +191,4 @@ def load_and_preprocess(
     source: ImageSource, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> torch.Tensor:
     """Decode and preprocess in one call; the JPEG draft keeps the decode no larger than needed."""
-    return transform(open_image(source, max_pixels=max_pixels, draft_size=transform.size))
+    return transform(open_image(source, max_pixels=max_pixels, draft_size=transform.draft_size))

@@ -239,3 +239,51 @@ def test_paths_work_and_missing_paths_raise_file_not_found(tmp_path: Path) -> No
     text.write_text("not an image")
     with pytest.raises(ImageError, match="not a readable image"):
         open_image(text)
+
+
+# --------------------------------------------------------------------------- transformers' CLIPImageProcessor
+def _photos(shared_data: Path) -> list[Path]:
+    """Real photos of different sizes and aspects (landscape, portrait, 200 and 500 px)."""
+    by_size: dict[tuple[int, int], Path] = {}
+    for path in sorted((shared_data / "flickr8k-1k" / "images").glob("*.jpg")):
+        with Image.open(path) as im:
+            by_size.setdefault(im.size, path)
+        if len(by_size) >= 8:
+            break
+    return list(by_size.values())
+
+
+@pytest.mark.parametrize(("edge", "crop"), [(224, 224), (72, 64), (64, 64)])
+def test_shortest_edge_resize_equals_transformers_clip_image_processor(shared_data: Path, edge: int,
+                                                                       crop: int) -> None:
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": edge}, crop_size={"height": crop, "width": crop})
+    ours = ImageTransform(crop, CLIP_MEAN, CLIP_STD, resize="shortest_edge", resize_size=edge)
+    photos = _photos(shared_data)
+    sizes = {Image.open(p).size for p in photos}
+    assert len(sizes) >= 4 and any(w < h for w, h in sizes) and any(w > h for w, h in sizes)
+    big = Image.open(photos[0]).convert("RGB").resize((1601, 900))  # a large JPEG: no draft decoding may apply
+    big_jpeg = _encode(big, "JPEG", quality=90)
+    for source in [*photos, big_jpeg]:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("RGB")
+        expected = torch.from_numpy(processor(images=image, return_tensors="np")["pixel_values"][0])
+        got = load_and_preprocess(source, ours)
+        assert got.shape == (3, crop, crop)
+        assert torch.allclose(got, expected, atol=1e-6), (source if isinstance(source, Path) else "big jpeg")
+
+
+def test_transform_for_config_follows_the_config() -> None:
+    from model import CLIPConfig
+
+    cfg = CLIPConfig(img_size=64, patch_size=8, image_resize="shortest_edge", image_resize_size=80,
+                     image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
+    t = ImageTransform.for_config(cfg)
+    assert (t.size, t.resize, t.resize_size, t.draft_size, t.train) == (64, "shortest_edge", 80, None, False)
+    assert torch.allclose(t.mean.flatten(), torch.tensor([0.5] * 3))
+    plain = ImageTransform.for_config(CLIPConfig(img_size=64, patch_size=8), train=True)
+    assert (plain.resize, plain.draft_size, plain.train) == ("crop_box", 64, True)
+    # The two resizes differ on a non-square image: the one-step box is not transformers' two steps.
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8))
+    a = ImageTransform(64, CLIP_MEAN, CLIP_STD, resize="shortest_edge")(img)
+    b = ImageTransform(64, CLIP_MEAN, CLIP_STD)(img)
+    assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-3)
