@@ -116,7 +116,7 @@ TOKENIZER_CAPTIONS = [f"a {c} {s}" for c in ("red", "Red", "blue") for s in ("ci
 
 
 def test_tokenizer_normalisation_comes_from_the_config(tmp_path: Path) -> None:
-    from training.loop import train_tokenizer
+    from training.build import train_tokenizer
 
     base = {"data": "d", "out": "o", "preset": "mini-32", "model": {"vocab_size": 300}}
     default = train_tokenizer(build_config(base), TOKENIZER_CAPTIONS)

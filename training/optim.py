@@ -13,7 +13,7 @@ from model import CLIP
 
 
 def build_optimizer(
-    model: CLIP, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+    model: CLIP, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
     device: torch.device | None = None, text_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW with no decay on norms, biases, CLS, positions and temperature; fused kernels on CUDA."""

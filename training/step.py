@@ -43,7 +43,7 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 def forward_backward(
-    module: nn.Module, pixels: torch.Tensor, ids: torch.Tensor, accum_steps: int = 1,
+    module: nn.Module, pixels: torch.Tensor, ids: torch.Tensor, *, accum_steps: int = 1,
     autocast: AbstractContextManager | None = None, groups: torch.Tensor | None = None,
 ) -> float:
     """Accumulate into .grad the gradient of the CLIP loss over the whole (local) batch; return the loss.
