@@ -107,8 +107,9 @@ def _demo(args: argparse.Namespace) -> int:
     if not args.image or not args.texts:
         raise ConfigError("the demo needs both --image IMG and --texts TEXT [TEXT ...]")
     from model import CLIPInference
+    from model.device import resolve_device
 
-    clip = CLIPInference.load(args.checkpoint, device=args.device if args.device != "auto" else "cpu")
+    clip = CLIPInference.load(args.checkpoint, device=resolve_device(args.device))
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"image {args.image} does not exist")
     rows = clip.rank_texts(args.image, args.texts)
@@ -149,7 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", help="data spec to evaluate on")
     ev.add_argument("--max-samples", type=int, default=None, help="evaluate the first N images only")
     ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, "
+                                                   "cuda or cuda:N")
     ev.add_argument("--num-workers", type=int, default=2)
     ev.add_argument("--json", metavar="PATH", help="also write the report to this file")
     ev.add_argument("--write-meta", action=argparse.BooleanOptionalAction, default=True,

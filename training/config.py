@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from model import PRESETS, CLIPConfig, preset_config
 from model.errors import ConfigError
+from model.fileio import write_atomic
 
 CONFIG_FILE = "train_config.json"
 
@@ -127,11 +128,10 @@ class TrainConfig(BaseModel):
                 "collapse_whitespace": self.tokenizer_collapse_whitespace}
 
     def save(self, run_dir: str | Path) -> Path:
+        """Write train_config.json into the run folder (atomically: --resume reads it back)."""
         path = Path(run_dir) / CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.model_dump(), indent=2, sort_keys=True), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.model_dump(), indent=2, sort_keys=True))
         return path
 
 

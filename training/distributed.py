@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from model.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,25 +33,21 @@ class DistInfo:
 def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment (a no-op for one process).
 
-    NCCL on GPUs, gloo on CPU; each rank uses cuda:LOCAL_RANK when GPUs are present.
+    `auto` reads as everywhere else (model.device.resolve_device). NCCL on GPUs, gloo on CPU;
+    each rank uses cuda:LOCAL_RANK when GPUs are present.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        from model.errors import ClipforgeError
-
-        raise ClipforgeError("device cuda was requested but no CUDA GPU is available")
+    device = resolve_device(device_pref)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         # Under torchrun each rank takes its own GPU, whatever index --device names (cuda:0 on
         # every rank would put all of them on one GPU, which NCCL refuses).
-        explicit = ":" in device_pref and world == 1
-        index = int(device_pref.split(":")[1]) if explicit else local % max(1, torch.cuda.device_count())
+        explicit = device.index is not None and world == 1
+        index = device.index if explicit else local % max(1, torch.cuda.device_count())
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         # Rank 0 alone evaluates, trains the tokenizer and saves checkpoints while the others
         # wait in a collective: a long evaluation must not trip the default 10-minute timeout.
@@ -140,10 +138,9 @@ class GlobalBatchSampler(Sampler[int]):
             perm = torch.randperm(self.n, generator=g).tolist()
         else:
             perm = list(range(self.n))
-        lb, r = self.local_batch, self.info.rank
-        for b in range(self.start_batch, self.batches_per_epoch):
-            start = b * self.global_batch + r * lb
-            yield from perm[start : start + lb]
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            start = batch * self.global_batch + self.info.rank * self.local_batch
+            yield from perm[start : start + self.local_batch]
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.local_batch

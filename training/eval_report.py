@@ -9,14 +9,16 @@ from typing import Any
 import torch
 
 from model import load_checkpoint, read_meta, update_meta
+from model.device import resolve_device
 from model.errors import ClipforgeError
+from model.fileio import utc_timestamp
 
 from .evaluate import evaluate
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data: str, max_samples: int | None = None, batch_size: int = 256, device: str = "auto",
-    num_workers: int = 2, write_meta: bool = True,
+    checkpoint: str | Path, data: str, *, max_samples: int | None = None, batch_size: int = 256,
+    device: str = "auto", num_workers: int = 2, write_meta: bool = True,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on `data`; with write_meta they go into meta.json under "metrics".
 
@@ -25,29 +27,25 @@ def evaluate_checkpoint(
     """
     from training.data import load_records, parse_data_spec
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ClipforgeError("device cuda was requested but no CUDA GPU is available")
-    model, tokenizer, _ = load_checkpoint(checkpoint, device=dev)
-    rs = load_records(parse_data_spec(data), max_samples)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-    t0 = time.monotonic()
-    metrics = evaluate(model, tokenizer, rs.records, dev, class_names=rs.class_names, templates=rs.templates,
-                       loss_batch_size=min(batch_size, 128), batch_size=batch_size, num_workers=num_workers,
-                       autocast_dtype=amp)
+    torch_device = resolve_device(device)
+    model, tokenizer, _ = load_checkpoint(checkpoint, device=torch_device)
+    data_set = load_records(parse_data_spec(data), max_samples)
+    autocast_dtype = torch.bfloat16 if torch_device.type == "cuda" else None
+    started = time.monotonic()
+    metrics = evaluate(model, tokenizer, data_set.records, torch_device, class_names=data_set.class_names,
+                       templates=data_set.templates, loss_batch_size=min(batch_size, 128), batch_size=batch_size,
+                       num_workers=num_workers, autocast_dtype=autocast_dtype)
     if metrics.get("n_images", 0) == 0:
-        raise ClipforgeError(f"none of the {len(rs.records)} images of {data} could be read")
-    report = {"data": data, "dataset": rs.name, "evaluated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "seconds": round(time.monotonic() - t0, 2), **metrics}
+        raise ClipforgeError(f"none of the {len(data_set.records)} images of {data} could be read")
+    report = {"data": data, "dataset": data_set.name, "evaluated": utc_timestamp(),
+              "seconds": round(time.monotonic() - started, 2), **metrics}
     if write_meta:
         meta = read_meta(checkpoint)
         evaluations = dict(meta.get("evaluations") or {})
-        evaluations[rs.name] = report
+        evaluations[data_set.name] = report
         changes: dict[str, Any] = {"metrics": report, "evaluations": evaluations}
-        if rs.class_names:
-            changes["class_names"] = list(rs.class_names)
-            changes["templates"] = list(rs.templates or [])
+        if data_set.class_names:
+            changes["class_names"] = list(data_set.class_names)
+            changes["templates"] = list(data_set.templates or [])
         update_meta(checkpoint, **changes)
     return report

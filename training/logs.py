@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model.fileio import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -31,9 +33,7 @@ def truncate_metrics(run_dir: str | Path, max_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= max_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class RunLogger:

@@ -6,10 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.inference import DEFAULT_TEMPLATES
+from model import DEFAULT_TEMPLATES
+from model.image import IMAGE_SUFFIXES
 
 from .errors import DataError
-from .locate import IMAGE_SUFFIXES
 from .records import Record, RecordSet
 
 
@@ -26,7 +26,7 @@ def fill_template(template: str, name: str) -> str:
 def _images_under(folder: Path) -> list[str]:
     """Paths (relative to folder, '/'-separated, sorted) of image files under it; hidden entries skipped.
 
-    Plain strings rather than Path objects: listing 50,000 CIFAR files stays well under a second.
+    Plain strings rather than Path objects: cheaper per file, which counts in folders of tens of thousands.
     """
     found: list[str] = []
     top = str(folder)

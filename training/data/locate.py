@@ -7,8 +7,6 @@ from pathlib import Path
 
 from .errors import DataError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
 
 def resolve_images_root(
     anchor: Path, images_root: str | None, sample_names: Sequence[str], extra_candidates: Sequence[Path] = ()

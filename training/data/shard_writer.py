@@ -13,8 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 from .records import Record
-
-_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+from .shards import SHARD_EXTENSION_OF_FORMAT
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ def _image_payload(image: str | bytes) -> tuple[bytes, str] | None:
     try:
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
-            ext = _FORMAT_EXT.get(im.format or "")
+            ext = SHARD_EXTENSION_OF_FORMAT.get(im.format or "")
     except (OSError, UnidentifiedImageError, ValueError):
         return None
     return (data, ext) if ext else None

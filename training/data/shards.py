@@ -26,7 +26,11 @@ from .errors import DataError
 from .records import tidy_caption
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# The image formats a shard may hold, narrower on purpose than model.image.IMAGE_SUFFIXES (the files an
+# image folder may hold): the webdataset convention. A sample's image is its member with the first of
+# these extensions; write_shards stores each image's bytes as they are, under its format's extension.
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHARD_EXTENSION_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL's format name -> extension
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -86,7 +90,7 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _finish(key: str, parts: dict[str, bytes], index: int) -> RawSample:
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    image = next((parts[ext] for ext in SHARD_IMAGE_EXTENSIONS if ext in parts), None)
     captions: tuple[str, ...] = ()
     if "txt" in parts:
         text = parts["txt"].decode("utf-8", "replace")
@@ -97,7 +101,7 @@ def _finish(key: str, parts: dict[str, bytes], index: int) -> RawSample:
             label = int(parts["cls"].decode("utf-8", "replace").strip())
         except ValueError:
             label = None
-    return RawSample(key, index, image, captions, label)
+    return RawSample(key=key, index=index, image=image, captions=captions, label=label)
 
 
 def iter_shard(path: str, shard_id: int, limit: int | None = None) -> Iterator[RawSample | None]:
@@ -210,10 +214,11 @@ class ShardDataset(IterableDataset):
         self.epoch = int(epoch)
 
     def _reader(self) -> tuple[int, int]:
+        """(this reader's number, the number of readers): every DataLoader worker of every rank reads."""
         rank, world = _current_rank(self.rank, self.world_size)
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * nw + wid, world * nw
+        worker = get_worker_info()
+        worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return rank * n_workers + worker_id, world * n_workers
 
     def raw_samples(self, pass_id: str = "") -> Iterator[RawSample | None]:
         """This reader's undecoded samples for the current epoch, before the shuffle buffer."""
@@ -222,12 +227,12 @@ class ShardDataset(IterableDataset):
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}{pass_id}:shards").shuffle(order)
         if len(order) >= readers:
-            for sid in order[reader::readers]:
-                yield from iter_shard(self.shards[sid], sid, self.limits[sid])
+            for shard_id in order[reader::readers]:
+                yield from iter_shard(self.shards[shard_id], shard_id, self.limits[shard_id])
             return
         n = 0
-        for sid in order:
-            for s in iter_shard(self.shards[sid], sid, self.limits[sid]):
+        for shard_id in order:
+            for s in iter_shard(self.shards[shard_id], shard_id, self.limits[shard_id]):
                 if n % readers == reader:
                     yield s
                 n += 1
@@ -278,6 +283,6 @@ class ShardDataset(IterableDataset):
                 yield None
                 continue
             yield decode_sample(
-                s.image, s.captions, s.label, s.index, s.key, self.transform,
-                sample_rng(self.seed, self.epoch, s.key), self.max_pixels,
+                s.image, s.captions, s.label, index=s.index, key=s.key, transform=self.transform,
+                rng=sample_rng(self.seed, self.epoch, s.key), max_pixels=self.max_pixels,
             )
