@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import CLIP, CLIPTokenizer, save_checkpoint
-from model.fileio import publish_directory
 from model.errors import CheckpointError
+from model.fileio import publish_directory
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"

@@ -19,6 +19,7 @@ from model.errors import ClipforgeError, ConfigError
 from .config import TrainConfig, build_config
 from .loop import train
 
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Ranges searched by `clipforge tune` (a TOML file given with --space may narrow them)."""
@@ -72,7 +73,7 @@ def suggest(trial: Any, base: TrainConfig, space: SearchSpace, n_train: int | No
 
 
 def run_study(
-    base: TrainConfig, out: str | Path, study_name: str = "clipforge", n_trials: int = 10, metric: str = "auto",
+    base: TrainConfig, out: str | Path, *, study_name: str = "clipforge", n_trials: int = 10, metric: str = "auto",
     timeout_s: float | None = None, space: SearchSpace | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a study; returns {"best_params", "best_value", "metric", ...} also written as JSON."""
@@ -86,7 +87,7 @@ def run_study(
     chosen: dict[str, str] = {}
 
     def objective(trial: optuna.Trial) -> float:
-        overrides = suggest(trial, base, space, base.max_samples)
+        overrides = suggest(trial, base, space, n_train=base.max_samples)
         values = {**base.model_dump(), **overrides, "out": str(out / "trials" / f"trial-{trial.number:04d}"),
                   "progress": False, "tensorboard": False, "best_metric": metric}
         cfg = build_config(values)
@@ -149,20 +150,20 @@ def _plots(study: Any, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
+    from optuna.visualization import matplotlib as optuna_plots
 
     logging.getLogger("optuna").setLevel(logging.ERROR)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
-        ax = ovm.plot_optimization_history(study)
+        ax = optuna_plots.plot_optimization_history(study)
         ax.figure.set_size_inches(8, 5)
         ax.figure.tight_layout()
         ax.figure.savefig(out / "optimization_history.png", dpi=100)
         plt.close(ax.figure)
         try:
-            ax = ovm.plot_param_importances(study)
+            ax = optuna_plots.plot_param_importances(study)
         except (RuntimeError, ValueError) as exc:  # importances need >= 2 completed trials with varied params
             fig, ax = plt.subplots(figsize=(8, 5))
             ax.text(0.5, 0.5, f"parameter importances unavailable:\n{exc}", ha="center", va="center", wrap=True)

@@ -28,7 +28,7 @@ def detect_separator(header: str) -> str:
     return best if counts[best] > 0 else ","
 
 
-def _pick_column(header: list[str], wanted: str | None, known: tuple[str, ...], what: str, path: Path) -> int:
+def _pick_column(header: list[str], wanted: str | None, *, known: tuple[str, ...], what: str, path: Path) -> int:
     normal = [h.strip().lower() for h in header]
     if wanted is not None:
         if wanted.strip().lower() in normal:
@@ -44,7 +44,7 @@ def _pick_column(header: list[str], wanted: str | None, known: tuple[str, ...], 
 
 
 def load_csv(
-    path: Path, images_root: str | None = None, image_column: str | None = None, caption_column: str | None = None,
+    path: Path, *, images_root: str | None = None, image_column: str | None = None, caption_column: str | None = None,
     separator: str | None = None, max_samples: int | None = None,
 ) -> RecordSet:
     """A table with a header naming an image column and a caption column, one row per caption.
@@ -62,22 +62,22 @@ def load_csv(
         f.seek(0)
         reader = csv.reader(f, delimiter=sep, skipinitialspace=True)
         header = next(reader)
-        ci = _pick_column(header, image_column, IMAGE_COLUMNS, "image", path)
-        cc = _pick_column(header, caption_column, CAPTION_COLUMNS, "caption", path)
-        if ci == cc:
-            raise DataError(f"image and caption columns of {path.name} are the same column {header[ci]!r}")
+        image_col = _pick_column(header, image_column, known=IMAGE_COLUMNS, what="image", path=path)
+        caption_col = _pick_column(header, caption_column, known=CAPTION_COLUMNS, what="caption", path=path)
+        if image_col == caption_col:
+            raise DataError(f"image and caption columns of {path.name} are the same column {header[image_col]!r}")
         rows: list[tuple[str, str]] = []
         try:
             for row in reader:
-                if len(row) > max(ci, cc) and row[ci].strip():
-                    rows.append((row[ci].strip(), row[cc]))
+                if len(row) > max(image_col, caption_col) and row[image_col].strip():
+                    rows.append((row[image_col].strip(), row[caption_col]))
         except csv.Error as exc:
             raise DataError(f"{path.name} line {reader.line_num}: {exc}") from exc
-    return _records_from_rows(path, rows, images_root, max_samples)
+    return _records_from_rows(path, rows, images_root=images_root, max_samples=max_samples)
 
 
 def _records_from_rows(
-    path: Path, rows: list[tuple[str, str]], images_root: str | None, max_samples: int | None,
+    path: Path, rows: list[tuple[str, str]], *, images_root: str | None, max_samples: int | None,
     extra_candidates: tuple[Path, ...] = (),
 ) -> RecordSet:
     if not rows:
@@ -124,4 +124,5 @@ def load_flickr30k(path: Path, images_root: str | None = None, max_samples: int 
             if name and caption.strip():
                 rows.append((name, caption))
     base = path.parent
-    return _records_from_rows(path, rows, images_root, max_samples, (base / "flickr30k_images", base / "flickr30k-images"))
+    return _records_from_rows(path, rows, images_root=images_root, max_samples=max_samples,
+                              extra_candidates=(base / "flickr30k_images", base / "flickr30k-images"))

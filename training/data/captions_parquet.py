@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,10 @@ def _is_text_type(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_string(t.value_type)
 
 
-def _pick(schema: pa.Schema, wanted: str | None, known: tuple[str, ...], ok, what: str, name: str) -> str:
+def _pick(
+    schema: pa.Schema, wanted: str | None, *, known: tuple[str, ...], ok: Callable[[pa.DataType], bool], what: str,
+    name: str,
+) -> str:
     names = {n.lower(): n for n in schema.names}
     if wanted is not None:
         if wanted in schema.names:
@@ -77,7 +81,7 @@ def _image_value(value: Any, root: Path) -> tuple[str, str | bytes] | None:
 
 
 def load_parquet(
-    path: str, images_root: str | None = None, image_column: str | None = None, caption_column: str | None = None,
+    path: str, *, images_root: str | None = None, image_column: str | None = None, caption_column: str | None = None,
     max_samples: int | None = None,
 ) -> RecordSet:
     """One record per distinct image; embedded bytes are kept in memory and keyed by their content hash.
@@ -89,17 +93,20 @@ def load_parquet(
     builder = RecordBuilder(max_samples)
     for f in files:
         try:
-            pf = pq.ParquetFile(f)
+            table = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{f} is not a readable parquet file: {exc}") from exc
-        schema = pf.schema_arrow
-        ci = _pick(schema, image_column, IMAGE_COLUMNS, lambda t: _is_image_type(t) or pa.types.is_string(t), "image", f.name)
-        cc = _pick(schema, caption_column, CAPTION_COLUMNS, _is_text_type, "caption", f.name)
-        if ci == cc:
-            raise DataError(f"{f.name}: image and caption columns are both {ci!r}; set image_column and caption_column")
+        schema = table.schema_arrow
+        image_col = _pick(schema, image_column, known=IMAGE_COLUMNS,
+                          ok=lambda t: _is_image_type(t) or pa.types.is_string(t), what="image", name=f.name)
+        caption_col = _pick(schema, caption_column, known=CAPTION_COLUMNS, ok=_is_text_type, what="caption",
+                            name=f.name)
+        if image_col == caption_col:
+            raise DataError(f"{f.name}: image and caption columns are both {image_col!r}; "
+                            "set image_column and caption_column")
         root = Path(images_root).expanduser() if images_root else f.parent
         try:
-            for batch in pf.iter_batches(batch_size=512, columns=[ci, cc]):
+            for batch in table.iter_batches(batch_size=512, columns=[image_col, caption_col]):
                 for img, cap in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                     got = _image_value(img, root)
                     if got is None or cap is None:

@@ -25,7 +25,7 @@ def sample_rng(seed: int, epoch: int, index: int | str) -> random.Random:
 
 
 def decode_sample(
-    image: str | bytes, captions: Sequence[str], label: int | None, index: int, key: str,
+    image: str | bytes, captions: Sequence[str], label: int | None, *, index: int, key: str,
     transform: ImageTransform, rng: random.Random, max_pixels: int,
 ) -> dict[str, Any] | None:
     """Decode and transform one image and pick one caption; None when the image cannot be used."""
@@ -64,10 +64,11 @@ class CaptionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        r = self.records[i]
-        image = r.image if isinstance(r.image, bytes) else Path(r.image)
+        record = self.records[i]
+        image = record.image if isinstance(record.image, bytes) else Path(record.image)
         return decode_sample(
-            image, r.captions, r.label, int(i), r.key, self.transform, sample_rng(self.seed, self.epoch, i), self.max_pixels
+            image, record.captions, record.label, index=int(i), key=record.key, transform=self.transform,
+            rng=sample_rng(self.seed, self.epoch, i), max_pixels=self.max_pixels,
         )
 
 

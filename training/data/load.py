@@ -26,27 +26,30 @@ def load_records(spec: DataSpec, max_samples: int | None = None) -> RecordSet:
     n = min(limits) if limits else None
     path = Path(spec.path).expanduser()
     if spec.kind == "imagefolder":
-        rs = load_imagefolder(path, spec.templates, n)
+        loaded = load_imagefolder(path, spec.templates, n)
     elif spec.kind == "csv":
-        rs = load_csv(path, spec.images_root, spec.image_column, spec.caption_column, spec.separator, n)
+        loaded = load_csv(path, images_root=spec.images_root, image_column=spec.image_column,
+                          caption_column=spec.caption_column, separator=spec.separator, max_samples=n)
     elif spec.kind == "flickr30k":
-        rs = load_flickr30k(path, spec.images_root, n)
+        loaded = load_flickr30k(path, spec.images_root, n)
     elif spec.kind == "json":
-        rs = load_json_list(path, spec.images_root, n)
+        loaded = load_json_list(path, spec.images_root, n)
     elif spec.kind == "llava":
-        rs = load_llava(path, spec.images_root, n)
+        loaded = load_llava(path, spec.images_root, n)
     elif spec.kind == "coco":
-        rs = load_coco(path, spec.images_root, n)
+        loaded = load_coco(path, spec.images_root, n)
     elif spec.kind == "parquet":
-        rs = load_parquet(spec.path, spec.images_root, spec.image_column, spec.caption_column, n)
+        loaded = load_parquet(spec.path, images_root=spec.images_root, image_column=spec.image_column,
+                              caption_column=spec.caption_column, max_samples=n)
     elif spec.kind == "shapes":
         root = ensure_shapes(spec)
         split = spec.split or "train"
-        rs = RecordSet(f"shapes:{split}", load_shapes_split(root, split, n), list(CLASS_NAMES), list(spec.templates or TEMPLATES))
+        loaded = RecordSet(f"shapes:{split}", load_shapes_split(root, split, n), list(CLASS_NAMES),
+                           list(spec.templates or TEMPLATES))
     else:
         raise DataError(f"{spec.kind} data is streamed, not loaded into memory: use ShardDataset for {spec.path}")
-    if not rs.records:
+    if not loaded.records:
         raise DataError(f"no usable image-caption pairs in {spec.path}")
-    if spec.templates and rs.templates is None:
-        rs.templates = list(spec.templates)
-    return rs
+    if spec.templates and loaded.templates is None:
+        loaded.templates = list(spec.templates)
+    return loaded

@@ -93,7 +93,9 @@ def held_out_names() -> list[str]:
     return [f"{c} {s}" for c, s in HELD_OUT]
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+def _draw(
+    draw: ImageDraw.ImageDraw, shape: str, *, cx: float, cy: float, r: float, fill: tuple[int, int, int]
+) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
@@ -119,7 +121,7 @@ class _Painter:
         img = Image.new("RGB", (self.big, self.big), bg)
         draw = ImageDraw.Draw(img)
         for shape, fill, fx, fy, fr in objects:
-            _draw(draw, shape, fx * self.big, fy * self.big, fr * self.big, fill)
+            _draw(draw, shape, cx=fx * self.big, cy=fy * self.big, r=fr * self.big, fill=fill)
         img = img.resize((self.size, self.size), Image.Resampling.BOX)
         if noise > 0:
             arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, noise, (self.size, self.size, 3))
@@ -167,20 +169,20 @@ def _pair(rng: np.random.Generator, combos: list[tuple[str, str]], noisy: bool) 
     return {"caption": captions, "label": None}, objs, (6.0 if noisy else 0.0), _jitter(BACKGROUNDS[bg_name], rng, 8)
 
 
-def _write_split(root: Path, split: str, n: int, p: ShapesParams) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(np.random.SeedSequence([p.seed, SPLITS.index(split)]))
+def _write_split(root: Path, split: str, n: int, *, params: ShapesParams) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(np.random.SeedSequence([params.seed, SPLITS.index(split)]))
     folder = root / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
-    painter = _Painter(p.img_size)
-    ext = "png" if p.image_format == "png" else "jpg"
+    painter = _Painter(params.img_size)
+    ext = "png" if params.image_format == "png" else "jpg"
     items = []
     for k in range(n):
         if split in ("train", "val"):
-            noisy = bool(rng.random() < p.noise_fraction)
-            if rng.random() < p.pair_fraction:
+            noisy = bool(rng.random() < params.noise_fraction)
+            if rng.random() < params.pair_fraction:
                 item, objs, noise, bg = _pair(rng, TRAIN_COMBOS + EXTRA_COMBOS, noisy)
             else:
-                combos = EXTRA_COMBOS if rng.random() < p.extra_fraction else TRAIN_COMBOS
+                combos = EXTRA_COMBOS if rng.random() < params.extra_fraction else TRAIN_COMBOS
                 item, objs, noise, bg = _single(rng, combos, noisy)
         else:
             # Evaluation sets: clean single objects, balanced over their combinations.
@@ -229,7 +231,8 @@ def generate_shapes(
     if image_format not in ("png", "jpeg"):
         raise DataError(f"shapes image_format must be 'png' or 'jpeg', got {image_format!r}")
     params = ShapesParams(
-        n_train, n_val, n_eval, img_size, seed, pair_fraction, noise_fraction, extra_fraction, image_format
+        n_train=n_train, n_val=n_val, n_eval=n_eval, img_size=img_size, seed=seed, pair_fraction=pair_fraction,
+        noise_fraction=noise_fraction, extra_fraction=extra_fraction, image_format=image_format,
     )
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +256,7 @@ def generate_shapes(
         try:
             counts = {split: n for split, n in zip(SPLITS, (n_train, n_val, n_eval, n_eval), strict=True)}
             for split, n in counts.items():
-                _write_split(tmp, split, n, params)
+                _write_split(tmp, split, n, params=params)
             manifest = {
                 "generator": GENERATOR, "version": VERSION, "params": asdict(params), "colors": list(COLORS),
                 "shapes": list(SHAPES), "class_names": CLASS_NAMES, "held_out": held_out_names(),
