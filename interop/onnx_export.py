@@ -195,7 +195,9 @@ def _check(ort: Any, path: Path, input_name: str, inputs: list[torch.Tensor], re
 
 def onnx_config(model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
     """What a runtime needs besides the graphs. `preprocess` uses open_clip's preprocess_cfg keys (as Immich
-    reads them); clipforge crops the centred square of the short side and resizes it in one bicubic step."""
+    reads them) plus the exact clipforge resize (model/image.py): "crop_box" resizes the centred square of
+    the short side to `size` in one bicubic step, "shortest_edge" brings the short side to `resize_size`
+    (bicubic) and then crops the centre, as transformers' CLIPImageProcessor does."""
     cfg = model.cfg
     return {
         "format": FORMAT,
@@ -212,7 +214,8 @@ def onnx_config(model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any], che
         "preprocess": {
             "size": [cfg.img_size, cfg.img_size], "mode": "RGB", "mean": list(cfg.image_mean),
             "std": list(cfg.image_std), "interpolation": "bicubic", "resize_mode": "shortest", "crop": "center",
-            "fill_color": 0,
+            "fill_color": 0, "resize_size": cfg.image_resize_size or cfg.img_size,
+            "clipforge_resize": cfg.image_resize,
         },
         "tokenizer": {
             "file": TOKENIZER, "context_length": tokenizer.max_length, "vocab_size": cfg.vocab_size,

@@ -27,9 +27,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # rotary positions, grouped-query attention (2 kv heads for 4), convolutional stem, colour split, CLS pooling
     "mini-32-rope-gqa-conv-colour": ("mini-32", {**TINY, "text_n_kv_heads": 2, "img_stem": "conv",
                                                  "img_color_layer": 1, "img_pool": "cls"}),
-    # learned text positions, plain multi-head attention, patch stem, mean pooling, the math attention path
-    "vit-b-16-learned-mha-mean": ("vit-b-16", {**TINY, "text_n_kv_heads": 4, "img_pool": "mean",
-                                               "is_flash": False}),
+    # learned text positions, plain multi-head attention, patch stem, mean pooling, the math attention path,
+    # CLIP's QuickGELU and layer-norm eps, transformers' shortest-edge resize
+    "vit-b-16-learned-mha-mean-quickgelu": ("vit-b-16", {**TINY, "text_n_kv_heads": 4, "img_pool": "mean",
+                                                         "use_sdpa": False, "mlp_act": "quick_gelu", "eps": 1e-5,
+                                                         "image_resize": "shortest_edge", "image_resize_size": 18}),
 }
 
 
@@ -76,6 +78,7 @@ def test_export_writes_both_graphs_tokenizer_and_config(exported: dict[str, Any]
     assert pre["size"] == [cfg.img_size, cfg.img_size]
     assert pre["mean"] == pytest.approx(list(cfg.image_mean)) and pre["std"] == pytest.approx(list(cfg.image_std))
     assert (pre["interpolation"], pre["resize_mode"], pre["crop"]) == ("bicubic", "shortest", "center")
+    assert (pre["clipforge_resize"], pre["resize_size"]) == (cfg.image_resize, cfg.image_resize_size or cfg.img_size)
     assert config["tokenizer"]["context_length"] == cfg.max_seq_len
     assert config["class_names"] == ["circle", "square"]
 
