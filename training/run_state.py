@@ -76,16 +76,16 @@ def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- optimiser
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimiser state dict into named tensors and a JSON-able rest."""
-    sd = optimizer.state_dict()
+    state_dict = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for idx, entry in sd["state"].items():
+    for idx, entry in state_dict["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim.{idx}.{name}"] = value.detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:

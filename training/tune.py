@@ -155,20 +155,19 @@ def _plots(study: Any, out: Path) -> None:
     logging.getLogger("optuna").setLevel(logging.ERROR)
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
-        ax = optuna_plots.plot_optimization_history(study)
+    def save(ax: Any, name: str) -> None:
         ax.figure.set_size_inches(8, 5)
         ax.figure.tight_layout()
-        ax.figure.savefig(out / "optimization_history.png", dpi=100)
+        ax.figure.savefig(out / name, dpi=100)
         plt.close(ax.figure)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+        save(optuna_plots.plot_optimization_history(study), "optimization_history.png")
         try:
             ax = optuna_plots.plot_param_importances(study)
         except (RuntimeError, ValueError) as exc:  # importances need >= 2 completed trials with varied params
-            fig, ax = plt.subplots(figsize=(8, 5))
+            _, ax = plt.subplots(figsize=(8, 5))
             ax.text(0.5, 0.5, f"parameter importances unavailable:\n{exc}", ha="center", va="center", wrap=True)
             ax.set_axis_off()
-        ax.figure.set_size_inches(8, 5)
-        ax.figure.tight_layout()
-        ax.figure.savefig(out / "param_importances.png", dpi=100)
-        plt.close(ax.figure)
+        save(ax, "param_importances.png")

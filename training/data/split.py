@@ -14,7 +14,7 @@ def key_unit(key: str, salt: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def split_records(rs: RecordSet, val_fraction: float, seed: int = 0) -> tuple[RecordSet, RecordSet]:
+def split_records(record_set: RecordSet, val_fraction: float, seed: int = 0) -> tuple[RecordSet, RecordSet]:
     """Split by a hash of each image key: all captions of an image stay on one side.
 
     Each record's side depends only on its own key and the seed, never on the other
@@ -25,10 +25,10 @@ def split_records(rs: RecordSet, val_fraction: float, seed: int = 0) -> tuple[Re
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     salt = f"split:{seed}"
-    scored = [(key_unit(r.key, salt), r) for r in rs.records]
+    scored = [(key_unit(r.key, salt), r) for r in record_set.records]
     train = [r for u, r in scored if u >= val_fraction]
     val = [r for u, r in scored if u < val_fraction]
-    if val_fraction > 0 and len(rs.records) >= 2:
+    if val_fraction > 0 and len(record_set.records) >= 2:
         if not val:
             closest = min(scored, key=lambda ur: ur[0])[1]
             train = [r for r in train if r is not closest]
@@ -38,7 +38,7 @@ def split_records(rs: RecordSet, val_fraction: float, seed: int = 0) -> tuple[Re
             val = [r for r in val if r is not closest]
             train = [closest]
 
-    def _part(records: list[Record], suffix: str) -> RecordSet:
-        return RecordSet(f"{rs.name}:{suffix}", records, rs.class_names, rs.templates)
+    def _part(part: list[Record], suffix: str) -> RecordSet:
+        return RecordSet(f"{record_set.name}:{suffix}", part, record_set.class_names, record_set.templates)
 
     return _part(train, "train"), _part(val, "val")
