@@ -1,4 +1,5 @@
-"""The generation commit engine: write the next generation beside the live one, then publish it (store.py).
+"""The generation commit engine: write the next generation beside the live one, then publish it (store.py);
+and generation 1 of a new index.
 
 A change takes one of three paths: re-index every kept vector (a type change, a rebuild, or
 tombstones past COMPACT_TOMBSTONE_RATIO), share the FAISS file by a hard link (only
@@ -12,14 +13,18 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
+from filelock import FileLock
 
 from model.fileio import utc_timestamp
 
 from . import backends, store
 from .backends import IndexParams
+from .errors import IndexExistsError, IndexStoreError
+from .files import relative_to_root, resolve_inside
 from .manifest import Manifest
 from .metadata import ImageRecord, MetadataReader, MetadataWriter
 from .snapshot import Snapshot, read_faiss
@@ -33,13 +38,43 @@ def _publish(directory: Path, staging: Path, manifest: Manifest) -> Path:
     return store.publish(directory, staging, manifest.generation)
 
 
-def create_first_generation(directory: Path, index: faiss.Index, manifest: Manifest) -> None:
-    """Generation 1 of a new index: the empty FAISS index, an empty database and the manifest."""
-    store.clean_up(directory, live=0)  # leftovers of a create that was killed before it finished
-    staging = store.staging_dir(directory, 1)
-    faiss.write_index(index, str(staging / store.FAISS_FILE))
-    MetadataWriter(staging / store.DB_FILE).finish()
-    _publish(directory, staging, manifest)
+def create_index_directory(
+    directory: Path, *, model_id: str, dim: int, index_type: str, root: str | Path | None,
+    params: IndexParams | dict[str, Any] | None, checkpoint_path: str | Path | None, uploads: str,
+    lock_timeout: float,
+) -> None:
+    """Publish generation 1 of a new index (empty FAISS index, empty database, manifest) in `directory`.
+
+    Refuses a folder that holds anything but the leftovers of a create killed before its commit.
+    """
+    if store.is_index_dir(directory):
+        raise IndexExistsError(f"{directory} already holds an index; open it or add to it instead")
+    if directory.exists() and (not directory.is_dir() or not store.is_empty_or_crashed_create(directory)):
+        raise IndexExistsError(f"{directory} exists and is not an empty folder")
+    params = backends.parse_params(params)
+    backends.choose_type(index_type, 0)  # validates the name
+    resolve_inside(Path("/"), uploads)  # a plain relative folder name
+    directory.mkdir(parents=True, exist_ok=True)
+    root_path = Path(root).expanduser() if root is not None else directory
+    if not root_path.is_dir():
+        raise IndexStoreError(f"index root {root_path} is not a folder")
+    inside = relative_to_root(root_path, directory)
+    root_str = inside if inside is not None else str(root_path.resolve())
+    kind = "hnsw" if index_type == "hnsw" else "flat"
+    index, resolved = backends.new_index(kind, dim, params)
+    manifest = Manifest(
+        model_id=model_id, dim=dim, index_type=kind, requested_type=index_type, params=resolved,
+        root=root_str, uploads=uploads, generation=1,
+        checkpoint_path=str(Path(checkpoint_path).resolve()) if checkpoint_path else None,
+    )
+    with FileLock(str(directory / store.LOCK), timeout=lock_timeout):
+        if store.is_index_dir(directory):
+            raise IndexExistsError(f"{directory} already holds an index")
+        store.clean_up(directory, live=0)  # leftovers of a create that was killed before it finished
+        staging = store.staging_dir(directory, 1)
+        faiss.write_index(index, str(staging / store.FAISS_FILE))
+        MetadataWriter(staging / store.DB_FILE).finish()
+        _publish(directory, staging, manifest)
 
 
 def _reindexed(

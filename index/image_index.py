@@ -37,14 +37,9 @@ from .additions import (
     select_fresh,
 )
 from .backends import IndexParams
-from .commit import commit_generation, create_first_generation
-from .errors import (
-    IndexExistsError,
-    IndexMismatchError,
-    IndexNotFoundError,
-    IndexStoreError,
-)
-from .files import relative_to_root, resolve_inside
+from .commit import commit_generation, create_index_directory
+from .errors import IndexMismatchError, IndexNotFoundError, IndexStoreError
+from .files import resolve_inside
 from .manifest import Manifest
 from .metadata import ImageRecord
 from .snapshot import (
@@ -99,30 +94,10 @@ class ImageIndex:
         """
         model_id, dim = _model_identity(clip, dim)
         directory = Path(path)
-        if store.is_index_dir(directory):
-            raise IndexExistsError(f"{directory} already holds an index; open it or add to it instead")
-        if directory.exists() and (not directory.is_dir() or not store.is_empty_or_crashed_create(directory)):
-            raise IndexExistsError(f"{directory} exists and is not an empty folder")
-        params = backends.parse_params(params)
-        backends.choose_type(index_type, 0)  # validates the name
-        resolve_inside(Path("/"), uploads)  # a plain relative folder name
-        directory.mkdir(parents=True, exist_ok=True)
-        root_path = Path(root).expanduser() if root is not None else directory
-        if not root_path.is_dir():
-            raise IndexStoreError(f"index root {root_path} is not a folder")
-        inside = relative_to_root(root_path, directory)
-        root_str = inside if inside is not None else str(root_path.resolve())
-        kind = "hnsw" if index_type == "hnsw" else "flat"
-        index, resolved = backends.new_index(kind, dim, params)
-        manifest = Manifest(
-            model_id=model_id, dim=dim, index_type=kind, requested_type=index_type, params=resolved,
-            root=root_str, uploads=uploads, generation=1,
-            checkpoint_path=str(Path(checkpoint_path).resolve()) if checkpoint_path else None,
+        create_index_directory(
+            directory, model_id=model_id, dim=dim, index_type=index_type, root=root, params=params,
+            checkpoint_path=checkpoint_path, uploads=uploads, lock_timeout=DEFAULT_LOCK_TIMEOUT,
         )
-        with FileLock(str(directory / store.LOCK), timeout=DEFAULT_LOCK_TIMEOUT):
-            if store.is_index_dir(directory):
-                raise IndexExistsError(f"{directory} already holds an index")
-            create_first_generation(directory, index, manifest)
         return cls.open(directory)
 
     @classmethod
