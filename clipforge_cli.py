@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 # subcommand -> module that defines `register(subparsers)`; each package owns its CLI.
 _COMMANDS: dict[str, str] = {
@@ -20,6 +21,18 @@ _COMMANDS: dict[str, str] = {
     "serve": "app.cli",
     "demo": "app.demo",
 }
+# subcommand -> modules whose `register(actions)` adds actions to it (optional packages may be absent).
+_EXTENSIONS: dict[str, tuple[str, ...]] = {"model": ("interop.cli",)}
+
+
+def _import_optional(module_name: str) -> ModuleType | None:
+    """The module, or None when it (or its package) is not built yet; other import errors propagate."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+            return None
+        raise
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -32,14 +45,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue
         if module_name in seen:
             continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # a package not built yet
-            if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".") or exc.name == module_name.split(".")[0]):
-                continue
-            raise
+        module = _import_optional(module_name)
+        if module is None:
+            continue
         seen.add(module_name)
-        module.register(sub)
+        actions = module.register(sub)
+        for extension_name in _EXTENSIONS.get(name, ()):
+            extension = _import_optional(extension_name)
+            if extension is not None:
+                extension.register(actions)
     return parser
 
 

@@ -67,8 +67,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("model", help="inspect model presets and checkpoints")
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Adds `model info` and `model presets`; returns the action so other packages can add actions (import, export)."""
+    parser = sub.add_parser("model", help="inspect, import and export models")
     msub = parser.add_subparsers(dest="model_command", metavar="ACTION")
     msub.required = True
     info = msub.add_parser("info", help="parameter counts and GFLOPs of a preset or checkpoint")
@@ -77,3 +78,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=cmd_info)
     presets = msub.add_parser("presets", help="list the named presets")
     presets.set_defaults(func=cmd_presets)
+    return msub
