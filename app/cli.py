@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .lifespan import load_service
     from .logs import configure_logging
-    from .main import create_app, load_service
+    from .main import create_app
     from .settings import load_settings
 
     settings = load_settings(
@@ -57,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
     parser.add_argument("--labels-file", type=Path, help="default zero-shot labels, one per line")
-    parser.add_argument("--device", help="torch device (default cpu)")
+    parser.add_argument("--device", help="torch device: cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and FAISS (default: all cores)")
     parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
                         help="coalesce concurrent encodes into one forward pass (default on)")

@@ -1,11 +1,17 @@
-"""What routes depend on: the loaded service state, API-key checks, and input limits."""
+"""What routes depend on: the loaded service state, API-key checks, and input limits.
+
+Routes name what they use through the `...Dep` aliases below (`clip: ClipDep`); the ones that
+need the model answer 503 until start-up has finished, the index ones 503 without an index.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
+import torch
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
@@ -13,46 +19,96 @@ from starlette.concurrency import run_in_threadpool
 from model import CLIPInference
 from model.errors import ImageError
 
-from .batching import Encoders, MicroBatcher
+from .encoders import Encoders
 from .errors import ApiError, image_error, not_ready
+from .index_search import IndexSearcher
 from .metrics import ServiceMetrics
+from .model_worker import ModelWorker
 from .settings import Settings
+
+if TYPE_CHECKING:  # only a service with an index imports the index package
+    from index import ImageIndex
 
 
 @dataclass
 class ServiceState:
-    """Everything loaded at start-up; routes reach it through the dependencies below."""
+    """Everything loaded at start-up (app/lifespan.py); routes reach it through the dependencies below."""
 
     settings: Settings
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     clip: CLIPInference | None = None
+    worker: ModelWorker | None = None
     encoders: Encoders | None = None
-    index: Any | None = None  # index.ImageIndex; typed loosely so the app starts without the index package
-    searcher: MicroBatcher[Any, Any] | None = None
+    index: ImageIndex | None = None
+    searcher: IndexSearcher | None = None
     default_labels: list[str] = field(default_factory=list)
     preset: str = "custom"
     ready: bool = False
-    background: list[Any] = field(default_factory=list)  # asyncio tasks stopped at shutdown
+    background: list[asyncio.Task[None]] = field(default_factory=list)  # stopped at shutdown
 
 
 def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
+def get_settings(request: Request) -> Settings:
+    return get_state(request).settings
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return get_state(request).metrics
+
+
 def ready_state(request: Request) -> ServiceState:
     """The state once the model is loaded; 503 before start-up finished or after shutdown began."""
-    state: ServiceState = request.app.state.service
-    if not state.ready or state.clip is None or state.encoders is None:
+    state = get_state(request)
+    if not state.ready or state.clip is None or state.worker is None or state.encoders is None:
         raise not_ready("the model is not loaded yet (the service is starting or shutting down)")
     return state
 
 
-def indexed_state(request: Request) -> ServiceState:
-    """The state with an index; 503 when the service runs without one."""
-    state = ready_state(request)
+StateDep = Annotated[ServiceState, Depends(get_state)]
+ReadyStateDep = Annotated[ServiceState, Depends(ready_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+
+
+def _indexed(state: ServiceState) -> tuple[ImageIndex, IndexSearcher]:
     if state.index is None or state.searcher is None:
         raise not_ready("this service has no index: start it with --index (CLIPFORGE_INDEX) to search and serve images")
-    return state
+    return state.index, state.searcher
+
+
+def get_clip(state: ReadyStateDep) -> CLIPInference:
+    assert state.clip is not None  # ready_state checked
+    return state.clip
+
+
+def get_worker(state: ReadyStateDep) -> ModelWorker:
+    assert state.worker is not None  # ready_state checked
+    return state.worker
+
+
+def get_encoders(state: ReadyStateDep) -> Encoders:
+    assert state.encoders is not None  # ready_state checked
+    return state.encoders
+
+
+def get_index(state: ReadyStateDep) -> ImageIndex:
+    """The index; 503 when the service runs without one."""
+    return _indexed(state)[0]
+
+
+def get_searcher(state: ReadyStateDep) -> IndexSearcher:
+    """The batched index search; 503 when the service runs without an index."""
+    return _indexed(state)[1]
+
+
+ClipDep = Annotated[CLIPInference, Depends(get_clip)]
+WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
+EncodersDep = Annotated[Encoders, Depends(get_encoders)]
+IndexDep = Annotated["ImageIndex", Depends(get_index)]
+SearcherDep = Annotated[IndexSearcher, Depends(get_searcher)]
 
 
 # ---------------------------------------------------------------------- API keys
@@ -73,16 +129,14 @@ def _check_key(settings: Settings, credentials: HTTPAuthorizationCredentials | N
         raise ApiError(403, "forbidden", "the API key is not valid")
 
 
-def require_write_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
-    _check_key(get_state(request).settings, credentials)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def require_read_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
-    settings = get_state(request).settings
+def require_write_key(settings: SettingsDep, credentials: BearerDep) -> None:
+    _check_key(settings, credentials)
+
+
+def require_read_key(settings: SettingsDep, credentials: BearerDep) -> None:
     if settings.protect_reads:
         _check_key(settings, credentials)
 
@@ -115,13 +169,12 @@ def check_k(k: int, settings: Settings) -> int:
     return k
 
 
-async def read_image(state: ServiceState, upload: UploadFile) -> Any:
+async def read_image(clip: CLIPInference, upload: UploadFile) -> torch.Tensor:
     """Uploaded file -> preprocessed (3, S, S) tensor, decoded off the event loop with the pixel guard."""
-    assert state.clip is not None
     data = await upload.read()
     if not data:
         raise ApiError(422, "empty_image", f"uploaded file {upload.filename or 'image'!r} is empty")
     try:
-        return await run_in_threadpool(state.clip.preprocess, data)
+        return await run_in_threadpool(clip.preprocess, data)
     except ImageError as exc:
         raise image_error(exc) from None

@@ -25,18 +25,7 @@ from .checkpoint import load_checkpoint
 from .clip import CLIP
 from .image import DEFAULT_MAX_PIXELS, ImageSource, ImageTransform, open_image
 from .tokenizer import CLIPTokenizer
-from .zeroshot import (  # DEFAULT_TEMPLATES: still imported from here by training/data/imagefolder.py
-    DEFAULT_TEMPLATES,
-    best_first,
-    label_prompts,
-    rank_labels,
-    softmax_at_temperature,
-    template_ensemble,
-    templates_or_default,
-)
-
-__all__ = ["DEFAULT_TEMPLATES", "CLIPInference"]
-
+from . import zeroshot
 
 class CLIPInference:
     def __init__(
@@ -108,14 +97,14 @@ class CLIPInference:
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per label: the renormalised mean over prompt templates."""
-        prompts = label_prompts(labels, templates_or_default(templates))
-        return template_ensemble(self.embed_texts(prompts), len(labels))
+        prompts = zeroshot.label_prompts(labels, zeroshot.templates_or_default(templates))
+        return zeroshot.template_ensemble(self.embed_texts(prompts), len(labels))
 
     # ------------------------------------------------------------------ ranking
     def scores(self, image_embedding: np.ndarray, text_embeddings: np.ndarray) -> list[tuple[float, float]]:
         """(similarity, probability) of each text for one image, probabilities at the learned temperature."""
         sims = text_embeddings @ image_embedding
-        probs = softmax_at_temperature(sims, self.logit_scale)
+        probs = zeroshot.softmax_at_temperature(sims, self.logit_scale)
         return [(float(s), float(p)) for s, p in zip(sims, probs)]
 
     def rank_texts(self, image: ImageSource, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -128,8 +117,9 @@ class CLIPInference:
         """Images sorted by similarity to the text (index = position in the input)."""
         txt = self.embed_texts([text])[0]
         sims = self.embed_images(images) @ txt
-        probs = softmax_at_temperature(sims, self.logit_scale)
-        return [{"index": i, "similarity": float(sims[i]), "probability": float(probs[i])} for i in best_first(sims)]
+        probs = zeroshot.softmax_at_temperature(sims, self.logit_scale)
+        order = zeroshot.best_first(sims)
+        return [{"index": i, "similarity": float(sims[i]), "probability": float(probs[i])} for i in order]
 
     def classify(
         self, image: ImageSource, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
@@ -141,4 +131,5 @@ class CLIPInference:
             raise ValueError("no labels given and the checkpoint stores no class names")
         img = self.embed_images([image])[0]
         pairs = self.scores(img, self.label_embeddings(labels, templates))
-        return [{"label": l, "similarity": s, "probability": p} for l, s, p in rank_labels(labels, pairs, top_k)]
+        ranked = zeroshot.rank_labels(labels, pairs, top_k)
+        return [{"label": l, "similarity": s, "probability": p} for l, s, p in ranked]

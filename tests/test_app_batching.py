@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from test_app_support import shape_image
 
-from app.batching import LRUCache, MicroBatcher
+from app.batching import MicroBatcher
+from app.encoders import LRUCache
 from app.main import create_app
 from app.settings import Settings
 from model import CLIPInference

@@ -103,6 +103,44 @@ def test_search_min_score_and_k(client: TestClient) -> None:
     assert kept and all(hit["score"] >= cut for hit in kept) and len(kept) < 12
 
 
+def test_one_batched_search_keeps_each_querys_own_min_score_and_k(clip: CLIPInference, index_dir: Path) -> None:
+    """Queries with different cuts share one index call; each answer is what the index gives that query alone."""
+    import asyncio
+
+    from app.index_search import IndexSearcher
+    from app.model_worker import ModelWorker
+    from index import ImageIndex
+
+    vectors = clip.embed_texts(["a red circle", "a blue square", "a green triangle"])
+    with ImageIndex.open(index_dir) as idx:
+        scores = [hit.score for hit in idx.search_by_vector(vectors[1:2], 12)[0]]
+        queries = [(vectors[0], 3, None), (vectors[1], 12, scores[5]), (vectors[2], 12, None), (vectors[0], 2, -1.0)]
+        expected = [idx.search_by_vector(v[None], k, cut)[0] for v, k, cut in queries]
+        calls: list[int] = []
+        search = idx.search_by_vector
+
+        def counted(*args, **kwargs):
+            calls.append(len(args[0]))
+            return search(*args, **kwargs)
+
+        idx.search_by_vector = counted  # type: ignore[method-assign]
+
+        async def main() -> list:
+            worker = ModelWorker(max_batch_size=8, max_wait_ms=1000, in_flight=lambda: len(queries))
+            searcher = IndexSearcher(idx, worker)
+            worker.start()
+            try:
+                return await asyncio.gather(*(searcher.search(v, k, cut) for v, k, cut in queries))
+            finally:
+                await worker.stop()
+
+        got = asyncio.run(main())
+    assert calls == [len(queries)]  # one index call for the whole batch
+    assert [[h.id for h in hits] for hits in got] == [[h.id for h in hits] for hits in expected]
+    assert len(got[1]) == 6 and all(h.score >= scores[5] for h in got[1])  # the cut really dropped the rest
+    assert [len(hits) for hits in got] == [3, 6, 12, 2]
+
+
 @pytest.mark.parametrize(
     ("params", "code"),
     [

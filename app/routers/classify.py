@@ -1,4 +1,4 @@
-"""POST /classify: zero-shot classification of an uploaded image against labels."""
+"""POST /classify: zero-shot classification of an uploaded image against labels (arithmetic: model/zeroshot.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from model import DEFAULT_TEMPLATES
+from model import rank_labels, templates_or_default
 
-from ..dependencies import ServiceState, check_texts, read_image, ready_state, require_read_key
+from ..dependencies import ClipDep, EncodersDep, ReadyStateDep, check_texts, read_image, require_read_key
 from ..errors import ApiError, error_responses
 from ..forms import StrictFormRoute
 from ..schemas import ClassifyResponse, Prediction
@@ -22,7 +22,7 @@ router = APIRouter(route_class=StrictFormRoute, tags=["classify"], dependencies=
     summary="Zero-shot classify an image",
 )
 async def classify(
-    state: Annotated[ServiceState, Depends(ready_state)],
+    state: ReadyStateDep, clip: ClipDep, encoders: EncodersDep,
     image: Annotated[UploadFile, File(description="the image to classify")],
     labels: Annotated[list[str], Form(description="candidate labels (repeat the field); default: the server's labels")] = [],
     templates: Annotated[list[str], Form(description="prompt templates with {} for the label (repeat the field)")] = [],
@@ -40,17 +40,16 @@ async def classify(
                            "(the checkpoint stores no class names and no labels file was configured)")
     if templates:
         templates = check_texts(templates, "templates", settings.max_texts, settings.max_text_chars)
-    prompts = len(labels) * len(templates or DEFAULT_TEMPLATES)
+    n_templates = len(templates_or_default(templates))
+    prompts = len(labels) * n_templates
     # Only a request's own labels or templates are capped: the server's defaults alone are the
     # operator's choice (and their embeddings are cached after the first request).
     if (given_labels or templates) and prompts > settings.prompt_limit:
-        raise ApiError(422, "too_many_prompts", f"{len(labels):,} labels x {len(templates or DEFAULT_TEMPLATES):,} "
+        raise ApiError(422, "too_many_prompts", f"{len(labels):,} labels x {n_templates:,} "
                        f"templates is {prompts:,} prompts; the limit is {settings.prompt_limit:,}")
-    pixels = await read_image(state, image)
-    assert state.encoders is not None and state.clip is not None
-    label_emb = await state.encoders.label_embeddings(labels, templates)
-    image_emb = (await state.encoders.embed_pixels(pixels.unsqueeze(0)))[0]
-    pairs = state.clip.scores(image_emb, label_emb)
-    predictions = [Prediction(label=l, similarity=s, probability=p) for l, (s, p) in zip(labels, pairs)]
-    predictions.sort(key=lambda p: p.probability, reverse=True)
-    return ClassifyResponse(predictions=predictions[:top_k] if top_k else predictions, model=state.clip.model_id)
+    pixels = await read_image(clip, image)
+    label_emb = await encoders.label_embeddings(labels, templates)
+    image_emb = (await encoders.embed_pixels(pixels.unsqueeze(0)))[0]
+    ranked = rank_labels(labels, clip.scores(image_emb, label_emb), top_k)
+    return ClassifyResponse(predictions=[Prediction(label=l, similarity=s, probability=p) for l, s, p in ranked],
+                            model=clip.model_id)

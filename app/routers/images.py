@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import mimetypes
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path as PathParam, Query, UploadFile
 from fastapi.responses import FileResponse, Response
@@ -14,23 +14,34 @@ from starlette.concurrency import run_in_threadpool
 from model import open_image
 from model.errors import ClipforgeError, ImageError
 
-from ..dependencies import ServiceState, check_texts, indexed_state, require_read_key, require_write_key
+from ..dependencies import (
+    ClipDep,
+    IndexDep,
+    MetricsDep,
+    SettingsDep,
+    WorkerDep,
+    check_texts,
+    require_read_key,
+    require_write_key,
+)
 from ..errors import ApiError, error_responses, image_error
 from ..forms import StrictFormRoute
 from ..schemas import AddedImage, AddImagesResponse, DeleteImageResponse, ErrorBody, FailedImage
+
+if TYPE_CHECKING:
+    from index import AddReport, ImageIndex
 
 router = APIRouter(route_class=StrictFormRoute, prefix="/images", tags=["images"])
 
 _IMAGE_CONTENT = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 
 
-def _stored_path(state: ServiceState, image_id: int) -> Path:
+def _stored_path(index: ImageIndex, image_id: int) -> Path:
     """The file of an indexed image, guaranteed inside the index root; 404 otherwise."""
-    assert state.index is not None
-    if state.index.get(image_id) is None:
+    if index.get(image_id) is None:
         raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
     try:
-        path = Path(state.index.resolve_path(image_id))
+        path = Path(index.resolve_path(image_id))
     except ClipforgeError:  # a stored path that would leave the root is never served
         raise ApiError(404, "not_found", f"image {image_id} has no servable file") from None
     if not path.is_file():
@@ -53,25 +64,25 @@ def _thumbnail(path: Path, size: int, max_pixels: int) -> bytes:
     summary="Fetch an indexed image",
 )
 async def get_image(
-    state: Annotated[ServiceState, Depends(indexed_state)],
+    settings: SettingsDep, index: IndexDep,
     id: Annotated[int, PathParam(ge=0, le=2**62, description="image id, as returned by search")],
     size: Annotated[int | None, Query(ge=16, description="longest side of a JPEG thumbnail (16 to the server's max_thumbnail)")] = None,
 ) -> Response:
     """The stored file as it is, or a JPEG thumbnail no larger than size x size."""
-    path = _stored_path(state, id)
+    path = _stored_path(index, id)
     if size is None:
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
-    if size > state.settings.max_thumbnail:
-        raise ApiError(422, "invalid_size", f"size must be between 16 and {state.settings.max_thumbnail}, got {size}")
+    if size > settings.max_thumbnail:
+        raise ApiError(422, "invalid_size", f"size must be between 16 and {settings.max_thumbnail}, got {size}")
     try:
-        data = await run_in_threadpool(_thumbnail, path, size, state.settings.max_pixels)
+        data = await run_in_threadpool(_thumbnail, path, size, settings.max_pixels)
     except ImageError as exc:
         raise image_error(exc) from None
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
 
-def _added_names(items: list[tuple[str, bytes, str | None]], report: Any) -> list[str]:
+def _added_names(items: list[tuple[str, bytes, str | None]], report: AddReport) -> list[str]:
     """File names of the added ids: the inputs that neither failed nor were duplicates, in input order."""
     skipped: dict[str, int] = {}
     for name, _ in [*report.failed, *report.duplicates]:
@@ -90,12 +101,11 @@ def _added_names(items: list[tuple[str, bytes, str | None]], report: Any) -> lis
     responses=error_responses(400, 401, 403, 413, 422, 503), summary="Add images to the index (API key)",
 )
 async def add_images(
-    state: Annotated[ServiceState, Depends(indexed_state)],
+    settings: SettingsDep, metrics: MetricsDep, clip: ClipDep, worker: WorkerDep, index: IndexDep,
     images: Annotated[list[UploadFile], File(description="image files (repeat the field)")],
     captions: Annotated[list[str], Form(description="optional captions, one per image, in the same order")] = [],
 ) -> AddImagesResponse:
     """Embed and store the uploads; undecodable files are reported per item, the others are still added."""
-    settings = state.settings
     if len(images) > settings.max_images:
         raise ApiError(422, "too_many_images", f"{len(images)} images given; the limit is {settings.max_images}")
     if captions:
@@ -107,9 +117,8 @@ async def add_images(
     for i, upload in enumerate(images):
         data = await upload.read()
         items.append((upload.filename or f"upload{i}", data, captions[i] if captions else None))
-    assert state.encoders is not None and state.index is not None and state.clip is not None
-    report = await state.encoders.run(lambda: state.index.add_bytes(state.clip, items, max_bytes=settings.max_upload_bytes))
-    state.metrics.index_size.set(len(state.index))
+    report = await worker.run(lambda: index.add_bytes(clip, items, max_bytes=settings.max_upload_bytes))
+    metrics.index_size.set(len(index))
     names = _added_names(items, report)
     if len(names) != len(report.added):  # never guess: without a safe pairing, report ids only
         names = [""] * len(report.added)
@@ -118,7 +127,7 @@ async def add_images(
         duplicates=[AddedImage(id=int(i), filename=str(n)) for n, i in report.duplicates],
         failed=[FailedImage(filename=str(n), error=ErrorBody(code="invalid_image", message=str(why)))
                 for n, why in report.failed],
-        size=len(state.index),
+        size=len(index),
     )
 
 
@@ -127,13 +136,12 @@ async def add_images(
     responses=error_responses(401, 403, 404, 422, 503), summary="Remove an image from the index (API key)",
 )
 async def delete_image(
-    state: Annotated[ServiceState, Depends(indexed_state)],
+    metrics: MetricsDep, worker: WorkerDep, index: IndexDep,
     id: Annotated[int, PathParam(ge=0, le=2**62, description="image id")],
 ) -> DeleteImageResponse:
     """Remove one image from the index (its stored file stays on disk)."""
-    assert state.encoders is not None and state.index is not None
-    removed = await state.encoders.run(state.index.remove, [id])
+    removed = await worker.run(index.remove, [id])
     if not removed:
         raise ApiError(404, "not_found", f"no image with id {id} in the index")
-    state.metrics.index_size.set(len(state.index))
-    return DeleteImageResponse(deleted=int(removed), size=len(state.index))
+    metrics.index_size.set(len(index))
+    return DeleteImageResponse(deleted=int(removed), size=len(index))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from ..dependencies import ServiceState, check_texts, read_image, ready_state, require_read_key
+from ..dependencies import ClipDep, EncodersDep, SettingsDep, check_texts, read_image, require_read_key
 from ..errors import error_responses
 from ..forms import StrictFormRoute
 from ..schemas import SimilarityResponse, TextScore
@@ -20,19 +20,17 @@ router = APIRouter(route_class=StrictFormRoute, tags=["similarity"], dependencie
     summary="Score texts against an image",
 )
 async def similarity(
-    state: Annotated[ServiceState, Depends(ready_state)],
+    settings: SettingsDep, clip: ClipDep, encoders: EncodersDep,
     image: Annotated[UploadFile, File(description="the image")],
     texts: Annotated[list[str], Form(description="texts to score (repeat the field)")],
 ) -> SimilarityResponse:
     """Per text, in input order: cosine similarity and the softmax probability over the given texts."""
-    settings = state.settings
     texts = check_texts(texts, "texts", settings.max_texts, settings.max_text_chars)
-    pixels = await read_image(state, image)
-    assert state.encoders is not None and state.clip is not None
-    text_emb = await state.encoders.embed_texts(texts)
-    image_emb = (await state.encoders.embed_pixels(pixels.unsqueeze(0)))[0]
-    pairs = state.clip.scores(image_emb, text_emb)
+    pixels = await read_image(clip, image)
+    text_emb = await encoders.embed_texts(texts)
+    image_emb = (await encoders.embed_pixels(pixels.unsqueeze(0)))[0]
+    pairs = clip.scores(image_emb, text_emb)
     return SimilarityResponse(
         results=[TextScore(text=t, similarity=s, probability=p) for t, (s, p) in zip(texts, pairs)],
-        model=state.clip.model_id,
+        model=clip.model_id,
     )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from ..dependencies import ServiceState, get_state, ready_state, require_read_key
+from ..dependencies import ClipDep, ReadyStateDep, StateDep, require_read_key
 from ..errors import ApiError, error_responses
 from ..schemas import Health, IndexInfo, InfoResponse, Readiness
 
@@ -19,10 +17,8 @@ _PUBLIC_INDEX_KEYS = ("dim", "metric", "params", "tombstones", "generation", "cr
     "/info", operation_id="info", response_model=InfoResponse, dependencies=[Depends(require_read_key)],
     responses=error_responses(401, 403, 503), summary="Model card",
 )
-async def info(state: Annotated[ServiceState, Depends(ready_state)]) -> InfoResponse:
+async def info(state: ReadyStateDep, clip: ClipDep) -> InfoResponse:
     """Preset, config, checkpoint hash, embedding dim, stored evaluation metrics, index type and size, limits."""
-    clip = state.clip
-    assert clip is not None
     meta = clip.meta
     index_info = None
     if state.index is not None:
@@ -51,7 +47,7 @@ async def healthz() -> Health:
 @router.get(
     "/readyz", operation_id="readyz", response_model=Readiness, responses=error_responses(503), summary="Readiness",
 )
-async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> Readiness:
+async def readyz(state: StateDep) -> Readiness:
     """200 once the model (and the index, when one is configured) is loaded; 503 before and during shutdown."""
     model_ok = state.ready and state.clip is not None
     index_ok = state.index is not None
@@ -67,7 +63,7 @@ async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> Readines
                **error_responses(401, 403)},
     response_class=Response, summary="Prometheus metrics",
 )
-async def metrics(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
+async def metrics(state: StateDep) -> Response:
     """Request counts and latencies per route, batch sizes, queue wait, cache hits, index size."""
     if state.index is not None:
         state.metrics.index_size.set(len(state.index))
