@@ -170,18 +170,20 @@ def test_train_notebook_skips_the_csv_example_without_its_data(
 def test_predict_notebook_classifies_ranks_and_searches(kernel_name: str, trained: tuple[Path, Any]) -> None:
     from index import ImageIndex
     from model import CLIPInference, read_meta
+    from training.data import shapes_eval_set
 
     out, _ = trained
-    nb = execute("predict.ipynb", kernel_name, {"OUT_DIR": str(out), "N_IMAGES": 3, "K": 4})
+    nb = execute("predict.ipynb", kernel_name, {"OUT_DIR": str(out), "N_IMAGES": 3, "QUERY": "a red square", "K": 4})
     text, pngs = outputs(nb)
     model_id = read_meta(out / "shapes-run" / "best")["content_hash"]
     assert f"model {model_id[:16]}" in text
     lines = [line for line in text.splitlines() if "top 3:" in line]
     assert len(lines) == 3 and all(line.count("%") == 3 for line in lines)
-    assert "'a blue square' against 36 images; best 4:" in text
-    assert "search 'a blue square': 4 results" in text
+    assert "'a red square' against 36 images; best 4:" in text  # two images of each of the 18 combinations
+    assert "search 'a red square': 4 results" in text
     assert pngs == 3  # probabilities, ranking, search results
     with ImageIndex.open(out / "indexes" / model_id[:16], model_id=model_id) as idx:
-        assert len(idx) == TINY["N_VAL"] + 600  # the val split and the held-out combinations
+        heldout, _ = shapes_eval_set(out / "shapes-data", "heldout")
+        assert len(idx) == TINY["N_VAL"] + len(heldout)  # the val split and the held-out combinations
         clip = CLIPInference.load(out / "shapes-run" / "best")
         assert len(idx.search_text(clip, "a red circle", k=3)) == 3
