@@ -6,7 +6,8 @@ import contextvars
 import json
 import logging
 import sys
-import time
+
+from model.fileio import utc_timestamp
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("clipforge_request_id", default="-")
 
@@ -18,7 +19,7 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": utc_timestamp(record.created).removesuffix("Z") + f".{int(record.msecs):03d}Z",  # to the millisecond
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -12,7 +12,9 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.device import resolve_device
 from model.errors import ClipforgeError
+from model.image import DEFAULT_MAX_PIXELS
 
 ENV_PREFIX = "CLIPFORGE_"
 
@@ -46,7 +48,7 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(description="checkpoint directory written by `clipforge train`")
     index: Path | None = Field(None, description="index directory; without one the search and image endpoints answer 503")
     labels_file: Path | None = Field(None, description="text file of default zero-shot labels, one per line")
-    device: str = Field("cpu", description="torch device for the model, e.g. cpu or cuda")
+    device: str = Field("cpu", description="torch device for the model: cpu, cuda, cuda:N or auto (a GPU when one is visible)")
     threads: int | None = Field(
         None, ge=1, le=1024,
         description="intra-op threads for torch and FAISS (default: all cores; 1 is faster on a machine shared with other jobs)",
@@ -66,7 +68,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS")
     # limits
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body in bytes")
-    max_pixels: int = Field(40_000_000, ge=1, description="largest image in pixels (decompression-bomb guard)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest image in pixels (decompression-bomb guard)")
     max_texts: int = Field(256, ge=1, description="most texts per request")
     max_text_chars: int = Field(1000, ge=1, description="longest text in characters")
     max_labels: int = Field(1000, ge=1, description="most labels per classification")
@@ -117,6 +119,14 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"labels file {value} does not exist")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        try:
+            return str(resolve_device(value))
+        except ClipforgeError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("api_keys")
     @classmethod

@@ -350,6 +350,26 @@ def test_settings_from_environment(tiny_checkpoint: Path, monkeypatch: pytest.Mo
     assert "first-key-1234" not in repr(s)
 
 
+def test_settings_share_the_model_defaults(tiny_checkpoint: Path) -> None:
+    """The pixel guard is the model's default, and `auto` means what it means to every other command."""
+    import torch
+
+    from model import DEFAULT_MAX_PIXELS
+
+    assert Settings(checkpoint=tiny_checkpoint).max_pixels == DEFAULT_MAX_PIXELS
+    assert Settings(checkpoint=tiny_checkpoint, device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert Settings(checkpoint=tiny_checkpoint).device == "cpu"
+
+
+def test_log_timestamps_are_utc_to_the_millisecond() -> None:
+    import logging
+
+    from app.logs import JSONFormatter
+
+    record = logging.makeLogRecord({"msg": "m", "created": 1_700_000_000.25, "msecs": 250.0})
+    assert json.loads(JSONFormatter().format(record))["ts"] == "2023-11-14T22:13:20.250Z"
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
@@ -363,6 +383,7 @@ def test_settings_from_environment(tiny_checkpoint: Path, monkeypatch: pytest.Mo
         ({"CLIPFORGE_LOG_LEVEL": "loud"}, "CLIPFORGE_LOG_LEVEL"),
         ({"CLIPFORGE_SHUTDOWN_TIMEOUT_S": "0"}, "CLIPFORGE_SHUTDOWN_TIMEOUT_S"),
         ({"CLIPFORGE_MAX_PROMPTS": "0"}, "CLIPFORGE_MAX_PROMPTS"),
+        ({"CLIPFORGE_DEVICE": "gpu0"}, "CLIPFORGE_DEVICE"),
     ],
 )
 def test_invalid_settings_name_the_setting(
