@@ -18,6 +18,7 @@ from interop.onnx_export import CONFIG, TEXTUAL, TOKENIZER, VISUAL, _check, _sta
 from interop.onnx_runtime import OnnxEncoder  # noqa: E402
 from model import CLIP, CLIPInference, CLIPTokenizer, preset_config, read_meta, save_checkpoint  # noqa: E402
 from model.errors import ClipforgeError  # noqa: E402
+from clip_vocab import clip_bpe  # noqa: E402
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "big") for s in ("circle", "square", "triangle")] * 4
 PROBES = ["a red circle", "a big blue square next to a green triangle and a red circle", "green"]
@@ -28,11 +29,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mini-32-rope-gqa-conv-colour": ("mini-32", {**TINY, "text_n_kv_heads": 2, "img_stem": "conv",
                                                  "img_color_layer": 1, "img_pool": "cls"}),
     # learned text positions, plain multi-head attention, patch stem, mean pooling, the math attention path,
-    # CLIP's QuickGELU and layer-norm eps, transformers' shortest-edge resize
-    "vit-b-16-learned-mha-mean-quickgelu": ("vit-b-16", {**TINY, "text_n_kv_heads": 4, "img_pool": "mean",
-                                                         "use_sdpa": False, "mlp_act": "quick_gelu", "eps": 1e-5,
-                                                         "image_resize": "shortest_edge", "image_resize_size": 18}),
+    # CLIP's QuickGELU, layer-norm eps and 49,408-token BPE ("!" padding), transformers' shortest-edge resize
+    "vit-b-16-learned-mha-mean-quickgelu-clipbpe": ("vit-b-16", {
+        **TINY, "text_n_kv_heads": 4, "img_pool": "mean", "use_sdpa": False, "mlp_act": "quick_gelu", "eps": 1e-5,
+        "image_resize": "shortest_edge", "image_resize_size": 18, "pad_token_id": 0, "sot_token_id": 49406,
+        "eot_token_id": 49407}),
 }
+
+
+def _tokenizer(cfg: Any, tmp_dir: Path) -> CLIPTokenizer:
+    """CLIP's own BPE where the config numbers its special tokens as CLIP does, else one trained on captions."""
+    if cfg.eot_token_id == 49407:
+        return CLIPTokenizer.from_clip_bpe(*clip_bpe(tmp_dir), max_length=cfg.max_seq_len)
+    return CLIPTokenizer.train(CAPTIONS, vocab_size=400, max_length=cfg.max_seq_len)
 
 
 def _perturbed(model: CLIP, seed: int) -> CLIP:
@@ -49,9 +58,9 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     preset, overrides = VARIANTS[request.param]
     torch.manual_seed(0)
     cfg = preset_config(preset, **overrides)
-    tok = CLIPTokenizer.train(CAPTIONS, vocab_size=min(cfg.vocab_size, 400), max_length=cfg.max_seq_len)
-    model = _perturbed(CLIP(cfg), seed=1)
     root = tmp_path_factory.mktemp(request.param)
+    tok = _tokenizer(cfg, root)
+    model = _perturbed(CLIP(cfg), seed=1)
     save_checkpoint(root / "ckpt", model, tok, {"step": 3, "class_names": ["circle", "square"]})
     files = export_onnx(root / "ckpt", root / "onnx")
     return {"ckpt": root / "ckpt", "out": root / "onnx", "files": files, "model": model, "tok": tok, "cfg": cfg}
@@ -110,7 +119,7 @@ def test_onnxruntime_equals_the_torch_model(exported: dict[str, Any], batch: int
         assert _max_diff(textual.run(None, {"input_ids": ids.numpy()})[0], txt_ref) <= 1e-4
     # A row cut off before its end-of-text token pools at its last real token, in both.
     cut = longest.clone()
-    cut[:, -1] = torch.randint(3, tok.vocab_size, (batch,), generator=torch.Generator().manual_seed(4))
+    cut[:, -1] = torch.randint(3, 259, (batch,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         cut_ref = model.encode_text(cut)
     assert _max_diff(textual.run(None, {"input_ids": cut.numpy()})[0], cut_ref) <= 1e-4
