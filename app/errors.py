@@ -131,3 +131,8 @@ _DESCRIPTIONS = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries, all with the one error schema."""
     return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def image_upload_responses() -> dict[int | str, dict[str, Any]]:
+    """The errors of a read endpoint that decodes one uploaded image (bad form, auth, size, type, input, readiness)."""
+    return error_responses(400, 401, 403, 413, 415, 422, 503)

@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(description="checkpoint directory written by `clipforge train`")
     index: Path | None = Field(None, description="index directory; without one the search and image endpoints answer 503")
     labels_file: Path | None = Field(None, description="text file of default zero-shot labels, one per line")
-    device: str = Field("cpu", description="torch device for the model: cpu, cuda, cuda:N or auto (a GPU when one is visible)")
+    device: str = Field(
+        "cpu", description="torch device for the model: cpu, cuda, cuda:N or auto (a GPU when one is visible)"
+    )
     threads: int | None = Field(
         None, ge=1, le=1024,
         description="intra-op threads for torch and FAISS (default: all cores; 1 is faster on a machine shared with other jobs)",

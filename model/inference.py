@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import zeroshot
 from .checkpoint import load_checkpoint
 from .clip import CLIP
 from .image import DEFAULT_MAX_PIXELS, ImageSource, ImageTransform, open_image
 from .tokenizer import CLIPTokenizer
-from . import zeroshot
+
 
 class CLIPInference:
     def __init__(

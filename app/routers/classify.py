@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import File, Form, UploadFile
 
 from model import rank_labels, templates_or_default
 
-from ..dependencies import ClipDep, EncodersDep, ReadyStateDep, check_texts, read_image, require_read_key
-from ..errors import ApiError, error_responses
-from ..forms import StrictFormRoute
+from ..dependencies import ClipDep, EncodersDep, ReadyStateDep, check_texts, read_image
+from ..errors import ApiError, image_upload_responses
 from ..schemas import ClassifyResponse, Prediction
+from . import read_router
 
-router = APIRouter(route_class=StrictFormRoute, tags=["classify"], dependencies=[Depends(require_read_key)])
+router = read_router(tags=["classify"])
 
 
 @router.post(
     "/classify", operation_id="classify", response_model=ClassifyResponse,
-    responses=error_responses(400, 401, 403, 413, 415, 422, 503),
+    responses=image_upload_responses(),
     summary="Zero-shot classify an image",
 )
 async def classify(

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import File, UploadFile
 
-from ..dependencies import ClipDep, EncodersDep, SettingsDep, check_texts, read_image, require_read_key
+from ..dependencies import ClipDep, EncodersDep, SettingsDep, check_texts, read_image
 from ..errors import ApiError, error_responses
-from ..forms import StrictFormRoute
 from ..schemas import EmbedImageResponse, EmbedTextRequest, EmbedTextResponse, ErrorBody, ImageEmbedding
+from . import read_router
 
-router = APIRouter(route_class=StrictFormRoute, prefix="/embed", tags=["embed"], dependencies=[Depends(require_read_key)])
+router = read_router(tags=["embed"], prefix="/embed")
 
 
 @router.post(

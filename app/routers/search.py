@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import File, Form, Query, Request, UploadFile
 
 from ..dependencies import (
     ClipDep,
@@ -15,16 +15,15 @@ from ..dependencies import (
     check_k,
     check_text,
     read_image,
-    require_read_key,
 )
-from ..errors import ApiError, error_responses
-from ..forms import StrictFormRoute
+from ..errors import ApiError, error_responses, image_upload_responses
 from ..schemas import SearchHit, SearchResponse
+from . import read_router
 
 if TYPE_CHECKING:
     from index import SearchResult
 
-router = APIRouter(route_class=StrictFormRoute, prefix="/search", tags=["search"], dependencies=[Depends(require_read_key)])
+router = read_router(tags=["search"], prefix="/search")
 
 
 def _response(request: Request, query: str, found: list[SearchResult], model_id: str) -> SearchResponse:
@@ -68,7 +67,7 @@ async def search(
 
 @router.post(
     "/image", operation_id="search_by_image", response_model=SearchResponse,
-    responses=error_responses(400, 401, 403, 413, 415, 422, 503), summary="Search images by image",
+    responses=image_upload_responses(), summary="Search images by image",
 )
 async def search_by_image(
     request: Request, settings: SettingsDep, clip: ClipDep, encoders: EncodersDep, searcher: SearcherDep,

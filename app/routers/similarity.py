@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import File, Form, UploadFile
 
-from ..dependencies import ClipDep, EncodersDep, SettingsDep, check_texts, read_image, require_read_key
-from ..errors import error_responses
-from ..forms import StrictFormRoute
+from ..dependencies import ClipDep, EncodersDep, SettingsDep, check_texts, read_image
+from ..errors import image_upload_responses
 from ..schemas import SimilarityResponse, TextScore
+from . import read_router
 
-router = APIRouter(route_class=StrictFormRoute, tags=["similarity"], dependencies=[Depends(require_read_key)])
+router = read_router(tags=["similarity"])
 
 
 @router.post(
     "/similarity", operation_id="similarity", response_model=SimilarityResponse,
-    responses=error_responses(400, 401, 403, 413, 415, 422, 503),
+    responses=image_upload_responses(),
     summary="Score texts against an image",
 )
 async def similarity(
