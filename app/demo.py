@@ -32,16 +32,13 @@ from pathlib import Path
 from model.errors import ClipforgeError
 
 DEFAULT_WORKDIR = Path(".cache/demo")
-# The shapes recipe of bench/quality_bench.py: the shapes-64 preset (64 pixels, 8-pixel patches;
-# at 32 pixels colours were learnt but shapes were not, narrow towers, mean pooling), a large
-# learning rate, a text tower trained at a tenth of it (at full speed it merges captions that
-# differ only in the shape word) and no crop augmentation (a crop can cut the shape that the caption names).
+# The shapes recipe of bench/quality_bench.py; why each choice: docs/benchmarks.md, "The demo's recipe".
 PRESET = "shapes-64"
 N_TRAIN = 6000
 N_VAL = 300
-EPOCHS = 3  # about 280 steps: a few minutes on two idle CPU cores
+EPOCHS = 3
 BATCH_SIZE = 64
-DEFAULT_MINUTES = 6.0  # a cap on a busy machine; training then stops early with a usable model
+DEFAULT_MINUTES = 6.0  # a cap for a busy machine: training then stops early, still with a usable model
 READY_TIMEOUT_S = 300.0
 
 
