@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -134,8 +135,16 @@ def test_import_equals_transformers_on_real_photos(tmp_path: Path, bpe_dir: Path
     _assert_same(_our_embeddings(tmp_path / "ckpt", TEXTS, photos), _hf_embeddings(hf_model, src, TEXTS, photos))
 
 
-def _reference(tmp_path: Path, bpe_dir: Path) -> tuple[object, Path]:
-    return _hf_dir(tmp_path / "hf", bpe_dir, seed=3)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, bpe_dir: Path) -> tuple[object, Path]:
+    """One random CLIPModel folder that each quirk test copies and rewrites."""
+    return _hf_dir(tmp_path_factory.mktemp("reference") / "hf", bpe_dir, seed=3)
+
+
+def _copy(tmp_path: Path, reference: tuple[object, Path]) -> tuple[object, Path]:
+    model, directory = reference
+    shutil.copytree(directory, tmp_path / "hf")
+    return copy.deepcopy(model), tmp_path / "hf"
 
 
 def _check_import(tmp_path: Path, src: Path, reference, photos: list[Path]) -> None:
@@ -144,8 +153,8 @@ def _check_import(tmp_path: Path, src: Path, reference, photos: list[Path]) -> N
                  _hf_embeddings(reference, tmp_path / "hf", TEXTS, photos))
 
 
-def test_fp16_weights(tmp_path: Path, bpe_dir: Path, photos: list[Path]) -> None:
-    reference, src = _reference(tmp_path, bpe_dir)
+def test_fp16_weights(tmp_path: Path, reference: tuple, photos: list[Path]) -> None:
+    reference, src = _copy(tmp_path, reference)
     state = {k: v.half() for k, v in load_file(str(src / "model.safetensors")).items()}
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
     with torch.no_grad():  # the reference: the same fp16-rounded weights
@@ -156,8 +165,8 @@ def test_fp16_weights(tmp_path: Path, bpe_dir: Path, photos: list[Path]) -> None
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_position_ids_buffer_of_older_checkpoints(tmp_path: Path, bpe_dir: Path, photos: list[Path]) -> None:
-    reference, src = _reference(tmp_path, bpe_dir)
+def test_position_ids_buffer_of_older_checkpoints(tmp_path: Path, reference: tuple, photos: list[Path]) -> None:
+    reference, src = _copy(tmp_path, reference)
     state = load_file(str(src / "model.safetensors"))
     state["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     state["vision_model.embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
@@ -169,8 +178,8 @@ def test_position_ids_buffer_of_older_checkpoints(tmp_path: Path, bpe_dir: Path,
         import_hf(src, tmp_path / "other")
 
 
-def test_sharded_safetensors_with_index(tmp_path: Path, bpe_dir: Path, photos: list[Path]) -> None:
-    reference, src = _reference(tmp_path, bpe_dir)
+def test_sharded_safetensors_with_index(tmp_path: Path, bpe_dir: Path, reference: tuple, photos: list[Path]) -> None:
+    reference, src = _copy(tmp_path, reference)
     shutil.rmtree(src)
     reference.save_pretrained(str(src), max_shard_size="1MB")
     _hf_dir_files(bpe_dir, src)
@@ -188,8 +197,8 @@ def _hf_dir_files(bpe_dir: Path, src: Path) -> None:
                                        image_mean=[0.5, 0.45, 0.4], image_std=[0.25, 0.27, 0.3]).save_pretrained(str(src))
 
 
-def test_pytorch_model_bin_is_read_as_weights_only(tmp_path: Path, bpe_dir: Path, photos: list[Path]) -> None:
-    reference, src = _reference(tmp_path, bpe_dir)
+def test_pytorch_model_bin_is_read_as_weights_only(tmp_path: Path, reference: tuple, photos: list[Path]) -> None:
+    reference, src = _copy(tmp_path, reference)
     torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")
     (src / "model.safetensors").unlink()
     _check_import(tmp_path, src, reference, photos)
@@ -200,8 +209,8 @@ class _Payload:
         return (print, ("this must never run",))
 
 
-def test_pickle_with_code_is_refused(tmp_path: Path, bpe_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    _, src = _reference(tmp_path, bpe_dir)
+def test_pickle_with_code_is_refused(tmp_path: Path, reference: tuple, capsys: pytest.CaptureFixture) -> None:
+    _, src = _copy(tmp_path, reference)
     state = dict(load_file(str(src / "model.safetensors")))
     (src / "model.safetensors").unlink()
     torch.save({**state, "evil": _Payload()}, src / "pytorch_model.bin")
@@ -210,8 +219,9 @@ def test_pickle_with_code_is_refused(tmp_path: Path, bpe_dir: Path, capsys: pyte
     assert "must never run" not in capsys.readouterr().out
 
 
-def test_tokenizer_given_as_vocab_and_merges_only(tmp_path: Path, bpe_dir: Path, photos: list[Path]) -> None:
-    reference, src = _reference(tmp_path, bpe_dir)
+def test_tokenizer_given_as_vocab_and_merges_only(tmp_path: Path, bpe_dir: Path, reference: tuple,
+                                                  photos: list[Path]) -> None:
+    reference, src = _copy(tmp_path, reference)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (src / name).unlink(missing_ok=True)
     shutil.copy(bpe_dir / "vocab.json", src / "vocab.json")
@@ -223,8 +233,8 @@ def test_tokenizer_given_as_vocab_and_merges_only(tmp_path: Path, bpe_dir: Path,
     _assert_same(ours, _hf_embeddings(reference, src, TEXTS, photos))
 
 
-def test_legacy_eos_token_id_2_pools_at_the_largest_id(tmp_path: Path, bpe_dir: Path, photos: list[Path]) -> None:
-    reference, src = _reference(tmp_path, bpe_dir)
+def test_legacy_eos_token_id_2_pools_at_the_largest_id(tmp_path: Path, reference: tuple, photos: list[Path]) -> None:
+    reference, src = _copy(tmp_path, reference)
     raw = json.loads((src / "config.json").read_text())
     raw["text_config"]["eos_token_id"] = 2
     (src / "config.json").write_text(json.dumps(raw))
@@ -243,7 +253,7 @@ def test_other_model_types_are_refused_naming_what_is_supported(tmp_path: Path, 
     assert "\n" not in message
 
 
-def test_folders_that_are_no_supported_layout_say_what_was_found(tmp_path: Path, bpe_dir: Path) -> None:
+def test_folders_that_are_no_supported_layout_say_what_was_found(tmp_path: Path, reference: tuple) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "weights.npz").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"no config.json; found weights.npz; expected config.json \(CLIPModel\)"):
@@ -251,7 +261,7 @@ def test_folders_that_are_no_supported_layout_say_what_was_found(tmp_path: Path,
     (tmp_path / "a" / "open_clip_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="open_clip layout: import it as open_clip:DIR"):
         import_hf(tmp_path / "a", tmp_path / "ckpt")
-    _, src = _hf_dir(tmp_path / "hf", bpe_dir)
+    _, src = _copy(tmp_path, reference)
     (src / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="has no weights; found config.json"):
         import_hf(src, tmp_path / "ckpt")
