@@ -57,7 +57,7 @@ def forward_backward(
     if accum_steps <= 1 or n < accum_steps:
         with autocast:
             img, txt, scale = module(pixels, ids)
-        loss = clip_loss(img.float(), txt.float(), scale.float(), groups)
+        loss = clip_loss(img.float(), txt.float(), scale.float(), groups=groups)
         loss.backward()
         return float(loss.detach())
 
@@ -85,7 +85,7 @@ def forward_backward(
                 scale = scale.detach()
             all_img = torch.cat(cached_img[:j] + [img.float()] + cached_img[j + 1 :])
             all_txt = torch.cat(cached_txt[:j] + [txt.float()] + cached_txt[j + 1 :])
-            loss = clip_loss(all_img, all_txt, scale.float(), groups)
+            loss = clip_loss(all_img, all_txt, scale.float(), groups=groups)
             loss.backward()
         loss_value = float(loss.detach())
     _set_rng_state(after, device)

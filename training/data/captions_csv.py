@@ -83,7 +83,7 @@ def _records_from_rows(
     if not rows:
         raise DataError(f"{path} has no image,caption rows")
     names = list(dict.fromkeys(name for name, _ in rows[:200]))
-    root = resolve_images_root(path, images_root, names, extra_candidates)
+    root = resolve_images_root(path, images_root, names, extra_candidates=extra_candidates)
     builder = RecordBuilder(max_samples)
     for name, caption in rows:
         builder.add(name, image_path(root, name), caption)

@@ -66,9 +66,9 @@ def load_json_list(path: Path, images_root: str | None = None, max_samples: int 
         name, cap = _first_key(d, _IMAGE_KEYS), _first_key(d, _CAPTION_KEYS)
         if name is None or cap is None:
             continue
-        caps = [str(c) for c in cap] if isinstance(cap, list) else [str(cap)]
+        captions = [str(c) for c in cap] if isinstance(cap, list) else [str(cap)]
         label = d.get("label")
-        builder.add(str(name), image_path(root, str(name)), caps, label if isinstance(label, int) else None)
+        builder.add(str(name), image_path(root, str(name)), captions, label=label if isinstance(label, int) else None)
     return RecordSet(path.stem, builder.build())
 
 
@@ -126,7 +126,7 @@ def load_coco(path: Path, images_root: str | None = None, max_samples: int | Non
     split = path.stem.split("_")[-1]  # captions_val2017 -> val2017
     extra = (path.parent / split, path.parent.parent / split, path.parent.parent / "images" / split)
     ordered = [i for i in files if i in caps]
-    root = resolve_images_root(path, images_root, [files[i] for i in ordered[:200]], extra)
+    root = resolve_images_root(path, images_root, [files[i] for i in ordered[:200]], extra_candidates=extra)
     builder = RecordBuilder(max_samples)
     for i in ordered:
         if not builder.add(files[i], image_path(root, files[i]), caps[i]):

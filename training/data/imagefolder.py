@@ -79,7 +79,7 @@ def load_imagefolder(
         for label, paths in enumerate(per_class):
             if j < len(paths):
                 key = f"{class_dirs[label].name}/{paths[j]}"
-                records.append(Record(key, f"{root}/{key}", class_captions[label], label))
+                records.append(Record(key, f"{root}/{key}", class_captions[label], label=label))
                 if max_samples is not None and len(records) >= max_samples:
-                    return RecordSet(root.name, records, class_names, temps)
-    return RecordSet(root.name, records, class_names, temps)
+                    return RecordSet(root.name, records, class_names=class_names, templates=temps)
+    return RecordSet(root.name, records, class_names=class_names, templates=temps)

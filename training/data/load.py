@@ -44,8 +44,8 @@ def load_records(spec: DataSpec, max_samples: int | None = None) -> RecordSet:
     elif spec.kind == "shapes":
         root = ensure_shapes(spec)
         split = spec.split or "train"
-        loaded = RecordSet(f"shapes:{split}", load_shapes_split(root, split, n), list(CLASS_NAMES),
-                           list(spec.templates or TEMPLATES))
+        loaded = RecordSet(f"shapes:{split}", load_shapes_split(root, split, n), class_names=list(CLASS_NAMES),
+                           templates=list(spec.templates or TEMPLATES))
     else:
         raise DataError(f"{spec.kind} data is streamed, not loaded into memory: use ShardDataset for {spec.path}")
     if not loaded.records:

@@ -9,7 +9,7 @@ from .errors import DataError
 
 
 def resolve_images_root(
-    anchor: Path, images_root: str | None, sample_names: Sequence[str], extra_candidates: Sequence[Path] = ()
+    anchor: Path, images_root: str | None, sample_names: Sequence[str], *, extra_candidates: Sequence[Path] = ()
 ) -> Path:
     """The given images_root, or the first usual folder beside the caption file that holds the images.
 

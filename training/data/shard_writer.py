@@ -91,4 +91,4 @@ def write_shards(
         raise DataError(f"no readable images to write ({skipped} skipped)")
     last = len(shards) - 1
     pattern = str(out / f"{prefix}-{{000000..{last:06d}}}.tar") if last else str(shards[0])
-    return ShardWriteResult(pattern, shards, written, skipped)
+    return ShardWriteResult(pattern=pattern, shards=shards, n_written=written, n_skipped=skipped)

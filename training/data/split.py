@@ -39,6 +39,7 @@ def split_records(record_set: RecordSet, val_fraction: float, seed: int = 0) -> 
             train = [closest]
 
     def _part(part: list[Record], suffix: str) -> RecordSet:
-        return RecordSet(f"{record_set.name}:{suffix}", part, record_set.class_names, record_set.templates)
+        return RecordSet(f"{record_set.name}:{suffix}", part, class_names=record_set.class_names,
+                         templates=record_set.templates)
 
     return _part(train, "train"), _part(val, "val")
