@@ -235,9 +235,9 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path) -> list[Path]:
     """
     ort = _require_onnx()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    model, tokenizer, meta = load_checkpoint(checkpoint, device="cpu", verify=True)
-    stage = _stage_directory(out_dir)
+    stage = _stage_directory(out_dir)  # before the (slower) load, so a bad out_dir is reported at once
     try:
+        model, tokenizer, meta = load_checkpoint(checkpoint, device="cpu", verify=True)
         pixels, ids = sample_inputs(model, tokenizer)
         short_ids = tokenizer.encode([_SAMPLE_CAPTIONS[0]])
         with torch.no_grad():
