@@ -4,7 +4,7 @@ This is the other half of a side-by-side with clipforge's cifar10 task in bench/
 folders, same prompt templates, same preprocessing, same wall-clock budget and schedule shape, but open_clip's
 model, loss (`open_clip.ClipLoss`), tokenizer and zero-shot classifier builder. It runs in its own venv
 (torch + open_clip only), so it imports nothing from clipforge; the templates are read from
-model/inference.py as text.
+model/zeroshot.py as text.
 
     /work/openclip-venv/bin/python bench/openclip_cifar.py --train .cache/bench/cifar10/train \\
         --test .cache/bench/cifar10/test --minutes 15 --threads 2 --out bench/results/openclip-cifar10.json
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES_FILE = ROOT / "model" / "inference.py"
+TEMPLATES_FILE = ROOT / "model" / "zeroshot.py"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 # Same normalisation as clipforge (the OpenAI CLIP statistics).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
