@@ -26,7 +26,7 @@ from model.clip import CLIP
 from model.config import CLIPConfig
 from model.errors import CheckpointError, ClipforgeError, ConfigError
 from model.fileio import publish_directory
-from model.tokenizer import CLIP_PAD, EOT, SOT, CLIPTokenizer
+from model.tokenizer import EOT, SOT, CLIPTokenizer
 
 SUPPORTED = "transformers CLIPModel checkpoints (model_type 'clip': ViT image tower, text transformer)"
 EXPECTED_LAYOUT = (
@@ -71,7 +71,7 @@ def _check_layout(src: Path) -> dict[str, Any]:
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling refuses anything but tensors, with many error types
+    except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as plain weights (only tensors are loaded, "
                               f"nothing in it is executed): {str(exc).splitlines()[0]}") from exc
     if not isinstance(state, dict):
@@ -195,8 +195,8 @@ def _license(src: Path, raw: dict[str, Any]) -> str | None:
     readme = src / "README.md"
     if readme.is_file():
         text = readme.read_text(encoding="utf-8", errors="replace")
-        front = re.match(r"---\s*\n(.*?)\n---", text, re.S)
-        found = re.search(r"^license:\s*['\"]?([^'\"\n]+)", front.group(1), re.M) if front else None
+        front = re.match(r"---\s*\n(.*?)\n---", text, re.DOTALL)
+        found = re.search(r"^license:\s*['\"]?([^'\"\n]+)", front.group(1), re.MULTILINE) if front else None
         if found:
             return found.group(1).strip()
     return None
@@ -337,7 +337,7 @@ def read_hf(src_dir: str | Path) -> tuple[CLIP, CLIPTokenizer, dict[str, Any]]:
     transformers = _transformers()
     try:
         hf_cfg = transformers.CLIPConfig.from_pretrained(str(src))
-    except Exception as exc:  # noqa: BLE001 - transformers' own validation, one line
+    except Exception as exc:
         raise ConfigError(f"hf:{src}/config.json is not a valid CLIPModel config: {exc}") from exc
     hf_state = read_hf_weights(src)
     tokenizer = read_hf_tokenizer(src, hf_cfg.text_config.max_position_embeddings)
@@ -377,15 +377,15 @@ def check_exportable(model: CLIP, tokenizer: CLIPTokenizer) -> None:
     refusals = [
         (cfg.text_pos != "learned", f"text_pos {cfg.text_pos!r}: rotary positions have no transformers CLIP equivalent"),
         (cfg.text_n_kv_heads != cfg.text_n_heads,
-         f"text_n_kv_heads {cfg.text_n_kv_heads} < text_n_heads {cfg.text_n_heads}: grouped-query attention has no "
-         "transformers CLIP equivalent"),
+         (f"text_n_kv_heads {cfg.text_n_kv_heads} < text_n_heads {cfg.text_n_heads}: grouped-query attention has "
+          "no transformers CLIP equivalent")),
         (cfg.img_color_layer is not None, "img_color_layer: the colour-split stem has no transformers CLIP equivalent"),
         (cfg.img_stem != "patch", f"img_stem {cfg.img_stem!r}: the convolutional stem has no transformers CLIP equivalent"),
         (cfg.img_pool != "cls", f"img_pool {cfg.img_pool!r}: transformers CLIP pools the CLS token"),
         (cfg.num_classes is not None, "num_classes: a classification head has no place in a transformers CLIPModel"),
         (tokenizer.end_of_word_suffix != "</w>" or (tokenizer.special_tokens[1:] != (SOT, EOT)),
-         "tokenizer: transformers' CLIPTokenizer rebuilds CLIP's BPE pipeline, so only CLIP's BPE tokenizer "
-         "(an imported model's) exports; this one is clipforge's trained byte-level BPE"),
+         ("tokenizer: transformers' CLIPTokenizer rebuilds CLIP's BPE pipeline, so only CLIP's BPE tokenizer "
+          "(an imported model's) exports; this one is clipforge's trained byte-level BPE")),
     ]
     for refused, why in refusals:
         if refused:

@@ -14,7 +14,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, SOT, EOT]  # ids 0, 1, 2
@@ -54,8 +63,6 @@ def _normalizer(lowercase: bool, nfc: bool, collapse_whitespace: bool) -> normal
     if lowercase:
         steps.append(normalizers.Lowercase())
     if collapse_whitespace:
-        from tokenizers import Regex
-
         steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
     return normalizers.Sequence(steps) if steps else None
 

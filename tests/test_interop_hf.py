@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model import CLIP, CLIPConfig, CLIPTokenizer, ConfigError, ImageTransform, load_checkpoint, save_checkpoint
+from model import (
+    CLIP,
+    CLIPConfig,
+    CLIPTokenizer,
+    ConfigError,
+    ImageTransform,
+    load_checkpoint,
+    save_checkpoint,
+)
 from model.errors import CheckpointError
 from model.image import load_and_preprocess
 
@@ -21,8 +29,8 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-from clipforge_cli import main  # noqa: E402
-from interop.hf import export_hf, import_hf  # noqa: E402
+from clipforge_cli import main
+from interop.hf import export_hf, import_hf
 
 TEXTS = [
     "a photo of a dog.",
