@@ -39,7 +39,7 @@ class CLIPInference:
         self.device = torch.device(device)
         self.max_pixels = max_pixels
         cfg = model.cfg
-        self.transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
+        self.transform = ImageTransform.for_config(cfg, train=False)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> CLIPInference:
@@ -66,7 +66,7 @@ class CLIPInference:
     # ------------------------------------------------------------------ embedding
     def preprocess(self, image: ImageSource) -> torch.Tensor:
         """Decode (with the pixel-bomb guard) and preprocess one image to (3, S, S)."""
-        return self.transform(open_image(image, max_pixels=self.max_pixels, draft_size=self.transform.size))
+        return self.transform(open_image(image, max_pixels=self.max_pixels, draft_size=self.transform.draft_size))
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
