@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -48,11 +47,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_bench import make_batch, timed  # noqa: E402
+from model_bench import make_batch, timed
 
-from model import CLIP, CLIPConfig, CLIPTokenizer, load_checkpoint, read_meta, save_checkpoint  # noqa: E402
-from model.errors import ClipforgeError  # noqa: E402
-from model.tokenizer import clip_bpe_from_merges_file  # noqa: E402
+from model import (
+    CLIP,
+    CLIPConfig,
+    CLIPTokenizer,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from model.errors import ClipforgeError
+from model.tokenizer import clip_bpe_from_merges_file
 
 WHEELS = ROOT / ".cache" / "wheels"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
@@ -200,7 +206,9 @@ def build_impls(ckpt: Path, work_dir: Path, threads: list[int], *, onnx: bool, h
             skipped["onnxruntime"] = str(exc)
     if hf:
         try:
-            from interop.hf import export_hf  # another engineer's module; absent in older checkouts
+            from interop.hf import (
+                export_hf,  # another engineer's module; absent in older checkouts
+            )
 
             hf_dir = work_dir / "vit-b-32-hf"
             if not _export_is_current(hf_dir / "clipforge_source.json", content_hash):

@@ -10,10 +10,13 @@ besides the graphs (preprocessing, tokenizer, temperature, identity).
                              token ids, logit scale, the checkpoint's content hash
 
 Both graphs return L2-normalised embeddings. Immich's own exporter wraps open_clip's
-`encode_image(normalize=True)` / `encode_text(normalize=True)`, clip-as-service ranks by cosine
-(which a unit vector leaves unchanged), and clipforge's own inference API returns unit vectors,
-so normalised outputs are what every consumer can use as they come; similarities are dot
-products and probabilities are softmax(logit_scale * dot).
+`encode_image(normalize=True)` / `encode_text(normalize=True)`, so Immich expects unit vectors;
+a consumer that compares by cosine (clip-as-service's ranking, an inner-product index) gets the
+same result either way; and clipforge's inference API returns unit vectors, so the service can
+swap the ONNX path in. Similarities are dot products, probabilities softmax(logit_scale * dot).
+File and input names follow clip-as-service (`visual.onnx` with `pixel_values`, `textual.onnx`
+with `input_ids`); Immich's folder layout (`visual/model.onnx`, inputs `image` and `text`) would
+be a renaming of the same graphs.
 
 Pixels arrive already resized, cropped and normalised (the JSON says how), as both consumers
 feed them. The batch axis is dynamic in both graphs and the context axis of `textual.onnx` too
@@ -138,16 +141,15 @@ def _translations() -> dict[Any, Any]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[io.StringIO]:
+def _quiet() -> Iterator[None]:
     """The exporter prints its progress and warns about missing torchvision ops; keep both off the CLI."""
     log = logging.getLogger("torch.onnx")
     level = log.level
     log.setLevel(logging.ERROR)
-    buffer = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            yield buffer
+            yield
     finally:
         log.setLevel(level)
 
@@ -167,7 +169,7 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, *, input_name:
         raise
     except OSError as exc:
         raise ClipforgeError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; name the graph that failed
+    except Exception as exc:
         raise ClipforgeError(f"torch.onnx.export failed for {path.name}: {_summary(exc)}") from exc
 
 
@@ -223,6 +225,7 @@ def onnx_config(model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any], che
             "padding": "right",
         },
         "class_names": list(meta.get("class_names") or []),
+        "source": meta.get("source"),  # where an imported checkpoint came from (None for clipforge's own)
     }
 
 

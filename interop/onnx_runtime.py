@@ -121,5 +121,5 @@ def _session(ort: Any, directory: Path, graph: dict[str, Any], options: Any, pro
         raise ClipforgeError(f"ONNX export {directory} is missing {graph['file']}")
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+    except Exception as exc:
         raise ClipforgeError(f"{path} cannot be loaded by onnxruntime: {exc}") from exc

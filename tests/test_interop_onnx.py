@@ -14,11 +14,27 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from interop.onnx_export import CONFIG, TEXTUAL, TOKENIZER, VISUAL, _check, _stage_directory, export_onnx  # noqa: E402
-from interop.onnx_runtime import OnnxEncoder  # noqa: E402
-from model import CLIP, CLIPInference, CLIPTokenizer, preset_config, read_meta, save_checkpoint  # noqa: E402
-from model.errors import ClipforgeError  # noqa: E402
-from clip_vocab import clip_bpe  # noqa: E402
+from clip_vocab import clip_bpe
+
+from interop.onnx_export import (
+    CONFIG,
+    TEXTUAL,
+    TOKENIZER,
+    VISUAL,
+    _check,
+    _stage_directory,
+    export_onnx,
+)
+from interop.onnx_runtime import OnnxEncoder
+from model import (
+    CLIP,
+    CLIPInference,
+    CLIPTokenizer,
+    preset_config,
+    read_meta,
+    save_checkpoint,
+)
+from model.errors import ClipforgeError
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "big") for s in ("circle", "square", "triangle")] * 4
 PROBES = ["a red circle", "a big blue square next to a green triangle and a red circle", "green"]
