@@ -1,4 +1,4 @@
-"""The five parts of bench/gpu_check.py, one per process: `python bench/gpu_parts.py PART --result F --work D --seconds S`.
+"""The five parts of bench/gpu_check.py, one process each: `gpu_parts.py PART --result F --work D --seconds S`.
 
 A part is a list of steps, each timed and allowed to fail without stopping the next; the
 result file ({"status", "reason", "summary", "results"}) is rewritten after every step, so
@@ -34,9 +34,9 @@ from model.fileio import write_atomic  # noqa: E402 - after the path set-up
 
 MARGIN_S = 8.0  # a part plans to end this long before the driver would stop it
 SWEEP = (256, 512, 1024, 2048, 4096)  # training batches tried, up to the first that does not fit
-COMPILE_ESTIMATE_S = 75.0  # a first compiled step of base or thinkclip, forward and backward
+COMPILE_ESTIMATE_S = 60.0  # a first compiled step of base or thinkclip, forward and backward
 E2E_RESERVE_S = 55.0  # of the e2e budget, kept for index build, serve and the requests
-E2E_STARTUP_S = 35.0  # of the e2e budget, for the trainer's start-up, data generation and final evaluation
+E2E_STARTUP_S = 55.0  # of the e2e budget, for the trainer's start-up, data generation, final evaluation and slack
 HTTP_TIMEOUT_S = 60.0
 
 
@@ -150,7 +150,7 @@ def _nvidia_smi() -> dict[str, str]:
     fields = "name,driver_version,memory.total,clocks.max.sm,power.limit,persistence_mode"
     out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
                          text=True, timeout=30, check=True).stdout.strip().splitlines()[0]
-    return dict(zip(fields.split(","), (v.strip() for v in out.split(","))))
+    return dict(zip(fields.split(","), (v.strip() for v in out.split(",")), strict=True))
 
 
 def part_env(part: Part) -> None:
@@ -231,7 +231,8 @@ def part_tests(part: Part) -> None:
     files = gpu_test_files()
     part.results["files"] = [str(p.relative_to(ROOT)) for p in files]
     if not files:
-        part.results["steps"].append({"step": "pytest", "status": "failed", "reason": "no test file carries the gpu marker"})
+        part.results["steps"].append({"step": "pytest", "status": "failed",
+                                      "reason": "no test file carries the gpu marker"})
         return
     junit = part.work / "junit.xml"
 
@@ -332,13 +333,11 @@ def _train_row(label: str, batch: int, wall: list[float], flops_per_sample: floa
 
 
 def _fmt_train(row: dict[str, Any]) -> str:
-    mfu = row.get("mfu_measured")
-    table = row.get("mfu_table")
-    text = (f"{row['run']:28s} batch {row['batch']:5d}  {row['samples_per_s']:9.0f} samples/s  "
-            f"MFU {mfu:6.1%}" if mfu is not None else f"{row['run']:28s} batch {row['batch']:5d}  "
-            f"{row['samples_per_s']:9.0f} samples/s  MFU      -")
-    if table is not None:
-        text += f" ({table:.1%} of the datasheet)"
+    mfu, sheet = row.get("mfu_measured"), row.get("mfu_table")
+    text = f"{row['run']:28s} batch {row['batch']:5d}  {row['samples_per_s']:9.0f} samples/s  "
+    text += f"MFU {mfu:6.1%}" if mfu is not None else "MFU      -"
+    if sheet is not None:
+        text += f" ({sheet:.1%} of the datasheet)"
     text += f"  peak {row['peak_mem_gib']:5.1f} GiB"
     if row.get("compile_s") is not None:
         text += f"  first step {row['compile_s']:.0f} s"
@@ -383,8 +382,8 @@ def _sweep(part: Part, preset: str, cfg: Any, pixels: Any, ids: Any, peaks: dict
     return fit
 
 
-def _fixed_batch(part: Part, label: str, make: Callable[[], Any], cfg: Any, pixels: Any, ids: Any, peaks: dict,
-              flops_per_sample: float) -> None:
+def _fixed_batch(part: Part, label: str, make: Callable[[], Any], pixels: Any, ids: Any, peaks: dict,
+                 flops_per_sample: float) -> None:
     """One model at a fixed batch: the first step timed apart (it holds any compilation), then the rest."""
     import torch
 
@@ -407,6 +406,8 @@ def _fixed_batch(part: Part, label: str, make: Callable[[], Any], cfg: Any, pixe
 
 
 def part_train(part: Part) -> None:
+    """In order of what matters most when time runs short: base eager and compiled, thinkclip eager,
+    open_clip eager beside base, thinkclip compiled, open_clip compiled."""
     import torch
     import model_bench
     from model_bench import OpenCLIP, bench_config, make_batch
@@ -419,48 +420,65 @@ def part_train(part: Part) -> None:
     part.results["bf16_peak"] = measured
     peaks = {"measured": measured.get("median_flops"), "table": peak_flops(device)}
     if peaks["measured"]:
-        part.row(f"bf16 matmul 8192^3: {peaks['measured'] / 1e12:.0f} TFLOP/s measured (median), datasheet "
-                 f"{peaks['table'] / 1e12 if peaks['table'] else float('nan'):.0f}; MFU below is against the measured")
+        sheet = f"{peaks['table'] / 1e12:.0f}" if peaks["table"] else "unknown"
+        part.row(f"bf16 matmul {measured['n']}^3: {peaks['measured'] / 1e12:.0f} TFLOP/s measured (median of "
+                 f"{measured['reps']}), datasheet {sheet}; MFU below is against the measured rate")
     TrainerStep = _trainer_step_class()
+    configs = {preset: bench_config(preset, 224, mha=False) for preset in ("base", "thinkclip")}
     chosen: dict[str, int] = {}
-    for preset in ("base", "thinkclip"):
-        cfg = bench_config(preset, 224, mha=False)
-        torch.manual_seed(0)
-        pixels, ids = (t.to(device) for t in make_batch(cfg, max(SWEEP)))
-        fit = part.step(f"{preset} eager sweep", lambda: _sweep(part, preset, cfg, pixels, ids, peaks), needs_s=20)
-        if fit:
-            chosen[preset] = fit
-            px, tx = pixels[:fit], ids[:fit]
-            part.step(f"{preset} compiled", lambda: _fixed_batch(
-                part, f"{preset} compiled", lambda: TrainerStep(cfg, device, compiled=True), cfg, px, tx, peaks,
-                _flops_per_sample(cfg, tx)), needs_s=COMPILE_ESTIMATE_S)
-        del pixels, ids
-        _free_cuda()
     part.results["chosen_batch"] = chosen
 
-    if model_bench.open_clip is None:
-        part.skip("open_clip", "open_clip does not import here (bring open-clip-torch, ftfy and wcwidth wheels)")
-    elif "base" not in chosen:
-        part.skip("open_clip", "no base batch was measured to compare at")
-    else:
-        cfg = bench_config("base", 224, mha=False)
+    def sweep(preset: str) -> None:
+        def run() -> int | None:
+            torch.manual_seed(0)
+            pixels, ids = (t.to(device) for t in make_batch(configs[preset], max(SWEEP)))
+            return _sweep(part, preset, configs[preset], pixels, ids, peaks)
+
+        fit = part.step(f"{preset} eager sweep", run, needs_s=20)
+        _free_cuda()  # the sweep's batch went with run()
+        if fit:
+            chosen[preset] = fit
+
+    def compiled(preset: str) -> None:
+        if preset not in chosen:
+            part.skip(f"{preset} compiled", "the eager sweep found no batch that fits")
+            return
+        cfg = configs[preset]
+        pixels, ids = (t.to(device) for t in make_batch(cfg, chosen[preset]))
+        part.step(f"{preset} compiled", lambda: _fixed_batch(
+            part, f"{preset} compiled", lambda: TrainerStep(cfg, device, compiled=True), pixels, ids, peaks,
+            _flops_per_sample(cfg, ids)), needs_s=COMPILE_ESTIMATE_S)
+
+    def rival(compile_it: bool) -> None:
+        label = f"open_clip base {'compiled' if compile_it else 'eager'}"
+        if model_bench.open_clip is None:
+            part.skip(label, "open_clip does not import here (bring the open-clip-torch, ftfy and wcwidth wheels)")
+            return
+        if "base" not in chosen:
+            part.skip(label, "no base batch was measured to compare at")
+            return
+        cfg = configs["base"]
         mha = cfg.replace(text_n_kv_heads=cfg.text_n_heads)  # open_clip's text tower: full heads, full context
-        rival_flops = 3 * (estimate_image_flops(mha) + estimate_text_flops(mha))
+        flops = 3 * (estimate_image_flops(mha) + estimate_text_flops(mha))
         pixels, ids = (t.to(device) for t in make_batch(cfg, chosen["base"]))
 
-        def rival(compiled: bool) -> Any:
+        def make() -> Any:
             impl = OpenCLIP(cfg, device)
-            if compiled:
+            if compile_it:
                 impl.model.encode_image = torch.compile(impl.model.encode_image)
                 impl.model.encode_text = torch.compile(impl.model.encode_text)
             return impl
 
-        for compiled in (False, True):
-            label = f"open_clip base {'compiled' if compiled else 'eager'}"
-            part.step(label, lambda: _fixed_batch(part, label, lambda: rival(compiled), cfg, pixels, ids, peaks,
-                                               rival_flops),
-                      needs_s=COMPILE_ESTIMATE_S if compiled else 20)
         part.results["open_clip"] = model_bench.open_clip.__version__
+        part.step(label, lambda: _fixed_batch(part, label, make, pixels, ids, peaks, flops),
+                  needs_s=COMPILE_ESTIMATE_S if compile_it else 20)
+
+    sweep("base")
+    compiled("base")
+    sweep("thinkclip")
+    rival(compile_it=False)
+    compiled("thinkclip")
+    rival(compile_it=True)
     part.summary = _train_headline(part.results["train_rows"], chosen) or "nothing measured"
 
 
@@ -484,25 +502,30 @@ def _free_port() -> int:
 
 
 def _run_logged(cmd: list[str], timeout: float) -> None:
+    """A clipforge command with its output in this part's log; a failure or overrun raises a one-line error."""
     print("$ " + " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT, timeout=max(5.0, timeout), check=False)
+    what = " ".join(cmd[3:5])
+    try:
+        result = subprocess.run(cmd, cwd=ROOT, timeout=max(5.0, timeout), check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"clipforge {what} ran past {timeout:.0f} s and was stopped") from None
     if result.returncode != 0:
-        raise RuntimeError(f"exit code {result.returncode} (see the log)")
+        raise RuntimeError(f"clipforge {what} exited with code {result.returncode} (see the log)")
 
 
 def _train_summary(run: Path) -> dict[str, Any]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
+    if not train:
+        raise RuntimeError("the run logged no training step")
     steady = train[1:] or train  # the first window holds the compilation
-    out: dict[str, Any] = {"steps": train[-1]["step"] if train else 0,
+    out: dict[str, Any] = {"steps": train[-1]["step"], "elapsed_s": train[-1]["elapsed_s"],
+                           "last_loss": train[-1]["loss"],
+                           "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
                            "device": next((r.get("device") for r in records if r["kind"] == "run"), None)}
-    if steady:
-        out["samples_per_s"] = statistics.median(r["samples_per_s"] for r in steady)
-        if all("mfu" in r for r in steady):
-            out["mfu_datasheet"] = statistics.median(r["mfu"] for r in steady)
-        out["elapsed_s"] = train[-1]["elapsed_s"]
-        out["last_loss"] = train[-1]["loss"]
+    if all("mfu" in r for r in steady):
+        out["mfu_datasheet"] = statistics.median(r["mfu"] for r in steady)
     if val:
         out["zeroshot_top1_heldout"] = max((r.get("zeroshot_top1", float("nan")) for r in val), default=None)
         out["val_loss"] = val[-1].get("val_loss")
@@ -545,11 +568,14 @@ def _serve_checks(part: Part, url: str, checkpoint: Path, shapes: Path) -> dict[
         hits = response.json()["results"]
         if not hits:
             raise RuntimeError("/search returned no results from a non-empty index")
-        out["search"] = {"hits": len(hits), "top": [{"caption": h.get("caption"), "score": h["score"]} for h in hits]}
+        out["search"] = {"hits": len(hits),
+                         "top": [{k: h.get(k) for k in ("path", "caption", "score")} for h in hits]}
     c = out["classify"]
     part.row(f"/classify on {c['images']} held-out images: {c['top1_correct']} right, median "
-             f"{c['median_latency_ms']:.0f} ms, largest probability difference to the CPU {c['max_abs_prob_diff_vs_cpu']:.1e}")
-    part.row(f"/search 'a red circle': {len(hits)} hits, top caption {hits[0].get('caption')!r} ({hits[0]['score']:.3f})")
+             f"{c['median_latency_ms']:.0f} ms, largest probability difference to the CPU "
+             f"{c['max_abs_prob_diff_vs_cpu']:.1e}")
+    part.row(f"/search 'a red circle': {len(hits)} hits, top {hits[0]['path']} (caption {hits[0].get('caption')!r}, "
+             f"score {hits[0]['score']:.3f})")
     return out
 
 
@@ -581,22 +607,25 @@ def part_e2e(part: Part) -> None:
     from app.demo import DemoLayout, _clipforge, index_commands, train_command
 
     layout = DemoLayout(part.work)
+    for stale in (layout.run, layout.index):  # an earlier check's, with the same --work (the shapes are kept)
+        shutil.rmtree(stale, ignore_errors=True)
     minutes = max(0.5, (part.left() - E2E_RESERVE_S - E2E_STARTUP_S) / 60)
     workers = str(max(1, min(8, (os.cpu_count() or 2) - 2)))
+    # The demo's recipe with the CUDA path's flags appended: for a repeated flag the last one counts.
     cmd = train_command(layout, minutes, None) + [
         "--device", "cuda", "--precision", "bf16", "--compile", "--num-workers", workers, "--epochs", "100",
         "--max-minutes", f"{minutes:.2f}", "--no-plots", "--no-progress", "--log-every", "20"]
     part.results["train_minutes"] = round(minutes, 2)
     part.step("clipforge train", lambda: _run_logged(cmd, part.left() - E2E_RESERVE_S))
     if (layout.run / "metrics.jsonl").is_file():
-        summary = part.step("training metrics", lambda: _train_summary(layout.run)) or {}
+        summary = part.step("training metrics", lambda: _train_summary(layout.run))
         part.results["train"] = summary
         if summary:
             mfu = summary.get("mfu_datasheet")
             part.row(f"train shapes-64 on {summary.get('device')}: {summary['steps']} steps in "
                      f"{summary.get('elapsed_s', 0):.0f} s, {summary.get('samples_per_s', 0):.0f} samples/s"
                      + (f", MFU {mfu:.1%} of the datasheet" if mfu is not None else "")
-                     + f", held-out zero-shot top-1 {summary.get('zeroshot_top1_heldout')}")
+                     + f", best held-out zero-shot top-1 {summary.get('zeroshot_top1_heldout') or float('nan'):.3f}")
     if not (layout.checkpoint / "meta.json").is_file():
         part.skip("clipforge index build", "training left no best/ checkpoint")
         part.skip("clipforge serve", "training left no best/ checkpoint")
@@ -625,41 +654,66 @@ def _model_import_available() -> bool:
     return probe.returncode == 0
 
 
+def _import_vit_b_32(part: Part) -> Path:
+    """open_clip's ViT-B-32 with random weights, saved as a bare state dict and imported by `clipforge model import`."""
+    import open_clip
+    import torch
+
+    from app.demo import _clipforge
+
+    src, out = part.work / "vit-b-32-random.pt", part.work / "vit-b-32-imported"
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), src)
+    shutil.rmtree(out, ignore_errors=True)
+    _run_logged(_clipforge("model", "import", f"open_clip:{src}", "--arch", "ViT-B-32", "--out", str(out)),
+                part.left() - 15)
+    return out
+
+
 def part_encode(part: Part) -> None:
     import torch
+    import model_bench
     from model_bench import Ours, bench_config, make_batch, measure
 
-    from model import preset_config
+    from model import load_checkpoint, preset_config
 
     device = torch.device("cuda")
-    models = {"base": bench_config("base", 224, mha=False),
-              "vit-b-32 size": preset_config("vit-b-16", patch_size=32)}  # OpenAI ViT-B/32's shape, random weights
     part.results["encode_rows"] = []
 
-    def encode(name: str, cfg: Any) -> None:
-        torch.manual_seed(0)
-        impl = Ours(cfg, device)
-        pixels, ids = (t.to(device) for t in make_batch(cfg, 256))
+    def encode(name: str, impl: Any) -> None:
+        pixels, ids = (t.to(device) for t in make_batch(impl.model.cfg, 256))
         for batch, warmup, iters in ((1, 10, 30), (256, 3, 10)):
             for op, unit in (("image", "images/s"), ("text", "texts/s")):
-                times = measure([impl], op, pixels[:batch], ids[:batch], "bf16", warmup, iters)
-                wall = times["clipforge"][0]
+                wall = measure([impl], op, pixels[:batch], ids[:batch], "bf16", warmup, iters)["clipforge"][0]
                 row = {"model": name, "op": op, "batch": batch, "per_s": batch / min(wall),
                        "per_s_median": batch / statistics.median(wall)}
                 part.results["encode_rows"].append(row)
-                part.row(f"{name:14s} {op:5s} batch {batch:3d}  {row['per_s']:9.0f} {unit} "
+                part.row(f"{name:17s} {op:5s} batch {batch:3d}  {row['per_s']:9.0f} {unit} "
                          f"(median {row['per_s_median']:.0f})")
         del impl
         _free_cuda()
 
-    for name, cfg in models.items():
-        part.step(f"{name} encode", lambda name=name, cfg=cfg: encode(name, cfg), needs_s=5)
-    if _model_import_available():
-        part.skip("imported vit-b-32", "`clipforge model import` exists, but no ViT-B/32 weights travel with the tree "
-                                       "for this check to import")
+    def preset(cfg: Any) -> Any:
+        torch.manual_seed(0)
+        return Ours(cfg, device)
+
+    part.step("base encode", lambda: encode("base", preset(bench_config("base", 224, mha=False))), needs_s=5)
+    # OpenAI ViT-B/32's shape from the vit-b-16 preset, for when the import below cannot run
+    part.step("vit-b-32 size encode", lambda: encode("vit-b-32 size", preset(preset_config("vit-b-16", patch_size=32))),
+              needs_s=5)
+    if not _model_import_available():
+        part.skip("imported vit-b-32", "`clipforge model import` is not there yet")
+    elif model_bench.open_clip is None:
+        part.skip("imported vit-b-32", "open_clip does not import here, and it makes the ViT-B-32 state dict to import")
     else:
-        part.skip("imported vit-b-32", "`clipforge model import` is not there yet (the vit-b-32 size row above uses "
-                                       "random weights of the same shape)")
+        ckpt = part.step("clipforge model import", lambda: _import_vit_b_32(part), needs_s=25)
+        if ckpt is not None:
+            def imported() -> Any:
+                model, _, _ = load_checkpoint(ckpt, device=device)
+                impl = Ours(model.cfg, device)
+                impl.model = model
+                return impl
+
+            part.step("imported vit-b-32 encode", lambda: encode("imported vit-b-32", imported()), needs_s=5)
     rows = part.results["encode_rows"]
     part.summary = "; ".join(f"{r['model']} {r['op']} b{r['batch']} {r['per_s']:.0f}/s" for r in rows
                              if r["model"] == "base") or "nothing measured"

@@ -186,7 +186,7 @@ def test_resume_on_gpu_after_sigkill_equals_uninterrupted(tmp_path: Path, determ
                   model={**SMALL, "img_dropout_rate": 0.1, "text_dropout_rate": 0.1})  # dropout: CUDA RNG state matters
     train(build_config(base_config(data, tmp_path / "ref", **common)))
     train(build_config(base_config(data, tmp_path / "ref2", **common)))
-    noise = _max_diff(tmp_path / "ref" / "last", tmp_path / "ref2" / "last")  # what the GPU itself varies between two runs
+    noise = _max_diff(tmp_path / "ref" / "last", tmp_path / "ref2" / "last")  # what the GPU varies between two runs
     assert noise < 1e-5, f"two identical GPU runs differ by {noise:.2e}: too much for the resume check to mean anything"
     total = load_trainer_state(tmp_path / "ref" / "last")[1]["step"]
 
