@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean compose-smoke reference-venv
+.PHONY: install test demo bench clean compose-smoke reference-venv gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: $(STAMP)
 # The Docker image and the compose deployment, end to end (SKIP with a reason where no engine can run).
 compose-smoke: $(STAMP)
 	VENV=$(VENV) bash deploy/compose-smoke.sh
+
+# The prepared GPU check (bench/gpu_check.sh); on a CPU machine it runs its dry run.
+gpu-check: $(STAMP)
+	if $(PY) -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then PYTHON=$(PY) bash bench/gpu_check.sh; \
+	else PYTHON=$(PY) bash bench/gpu_check.sh --dry-run; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
