@@ -3,6 +3,10 @@
 flat   exact inner product (IndexIDMap2 over IndexFlatIP); small collections.
 hnsw   graph search (IndexIDMap2 over IndexHNSWFlat); cannot delete, so removals are
        tombstones filtered during the search (an IDSelector) and compacted on rebuild.
+hnswsq graph search over 8-bit scalar-quantised codes, the candidates (k * refine_k_factor)
+       re-scored exactly from float16 copies (IndexIDMap2 over IndexRefine(IndexHNSWSQ,
+       fp16)): about a quarter of HNSW's memory when opened memory-mapped (only the
+       graph and the codes a search touches are resident); removals are tombstones.
 ivfpq  inverted lists of product-quantised codes, trained on a sample; huge collections.
        By default the PQ candidates (k * refine_k_factor) are re-ranked with float16 copies
        of the vectors (memory-mappable), which keeps recall high where PQ alone ranks
@@ -22,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import IndexStoreError
 
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+INDEX_TYPES = ("flat", "hnsw", "hnswsq", "ivfpq")
 REQUESTABLE = ("auto", *INDEX_TYPES)
-# "auto": exact search while a scan stays in the millisecond range, a graph up to where its
-# full-precision storage gets large, compressed codes beyond.
+# "auto": exact search while a scan stays in the millisecond range, a graph over compressed codes
+# with exact re-scoring up to where the graph itself gets large, inverted lists beyond.
 FLAT_MAX = 100_000
 HNSW_MAX = 5_000_000
 
@@ -43,7 +47,7 @@ class IndexParams(BaseModel):
     pq_m: int | None = Field(None, ge=1, le=512, description="PQ sub-quantizers (default dim/8)")
     pq_nbits: int = Field(8, ge=4, le=12, description="bits per PQ code")
     train_size: int = Field(100_000, ge=256, description="IVF-PQ training sample size")
-    refine_k_factor: int = Field(4, ge=0, le=256, description="IVF-PQ: re-rank k*factor candidates exactly (0: off)")
+    refine_k_factor: int = Field(4, ge=0, le=256, description="IVF-PQ, HNSW-SQ: re-rank k*factor candidates exactly (0: off)")
 
 
 def parse_params(values: dict[str, Any] | IndexParams | None) -> IndexParams:
@@ -61,7 +65,7 @@ def choose_type(requested: str, count: int) -> str:
         raise IndexStoreError(f"unknown index type {requested!r}; choose one of {', '.join(REQUESTABLE)}")
     if requested != "auto":
         return requested
-    return "flat" if count <= FLAT_MAX else "hnsw" if count <= HNSW_MAX else "ivfpq"
+    return "flat" if count <= FLAT_MAX else "hnswsq" if count <= HNSW_MAX else "ivfpq"
 
 
 def _pq_m(dim: int, wanted: int | None) -> int:
@@ -85,6 +89,21 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
         inner.hnsw.efConstruction = params.ef_construction
         inner.hnsw.efSearch = params.ef_search
         return faiss.IndexIDMap2(inner), resolved
+    if kind == "hnswsq":
+        if train is None or len(train) < SQ_MIN_VECTORS:
+            raise IndexStoreError(f"an hnswsq index needs at least {SQ_MIN_VECTORS} vectors to train its quantizer")
+        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = params.ef_construction
+        graph.hnsw.efSearch = params.ef_search
+        exact = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        refined = faiss.IndexRefine(graph, exact)
+        refined.k_factor = max(params.refine_k_factor, 1)
+        sample = train
+        if len(train) > params.train_size:
+            sample = train[np.random.default_rng(0).choice(len(train), params.train_size, replace=False)]
+        refined.train(np.ascontiguousarray(sample, dtype=np.float32))
+        resolved.update(refine_k_factor=max(params.refine_k_factor, 1))
+        return faiss.IndexIDMap2(refined), resolved
     if kind == "ivfpq":
         n = 0 if train is None else len(train)
         m = _pq_m(dim, params.pq_m)
@@ -151,7 +170,7 @@ def vectors_and_ids(index: faiss.Index, kind: str) -> tuple[np.ndarray, np.ndarr
         storage = inner
     elif kind == "hnsw":
         storage = faiss.downcast_index(inner.storage)
-    else:  # float16 copies kept for re-ranking
+    else:  # float16 copies kept for re-ranking (ivfpq, hnswsq)
         storage = faiss.downcast_index(inner.refine_index)
     vecs = storage.reconstruct_n(0, storage.ntotal) if storage.ntotal else np.zeros((0, index.d), np.float32)
     return np.asarray(vecs, dtype=np.float32), ids
@@ -160,14 +179,14 @@ def vectors_and_ids(index: faiss.Index, kind: str) -> tuple[np.ndarray, np.ndarr
 class Tombstones:
     """Removed-but-still-stored ids, and the selector that hides them during the search itself.
 
-    HNSW filters external ids (the id map translates them); the re-ranked IVF-PQ filters in
-    its inner IVF search, which sees internal positions, so those are selected instead.
+    HNSW filters external ids (the id map translates them); the re-ranked IVF-PQ and HNSW-SQ
+    filter in their inner search, which sees internal positions, so those are selected instead.
     """
 
     def __init__(self, ids: np.ndarray, index: faiss.Index | None = None, kind: str = "hnsw") -> None:
         self.ids = np.unique(np.asarray(ids, dtype=np.int64))
         hidden = self.ids
-        if len(self.ids) and kind == "ivfpq" and index is not None and _id_mapped(index):
+        if len(self.ids) and kind in REFINED and index is not None and _id_mapped(index):
             hidden = np.flatnonzero(np.isin(stored_ids(index, kind), self.ids)).astype(np.int64)
         self._batch = faiss.IDSelectorBatch(hidden) if len(hidden) else None
         self.selector = faiss.IDSelectorNot(self._batch) if self._batch is not None else None
@@ -188,6 +207,15 @@ def search(
         if tombstones is not None and tombstones.selector is not None:
             hnsw_params.sel = tombstones.selector
         return index.search(queries, k, params=hnsw_params)
+    if kind == "hnswsq":
+        graph_params = faiss.SearchParametersHNSW()
+        graph_params.efSearch = max(int(ef_search or params.get("ef_search", 128)), k)
+        if tombstones is not None and tombstones.selector is not None:
+            graph_params.sel = tombstones.selector
+        refine_params = faiss.IndexRefineSearchParameters()
+        refine_params.k_factor = float(params.get("refine_k_factor") or 4)
+        refine_params.base_index_params = graph_params
+        return index.search(queries, k, params=refine_params)
     if kind == "ivfpq":
         ivf_params = faiss.SearchParametersIVF()
         ivf_params.nprobe = int(nprobe or params.get("nprobe", 32))
@@ -264,6 +292,8 @@ class HalfPrecisionScan:
 
 
 IVFPQ_MIN_VECTORS = 1000
+SQ_MIN_VECTORS = 1000  # the 8-bit quantizer learns each component's range from a sample
+REFINED = ("ivfpq", "hnswsq")  # kinds whose id map wraps an IndexRefine (selectors see internal positions)
 
 
 def ivfpq_trainable(count: int, params: IndexParams) -> bool:
@@ -271,17 +301,20 @@ def ivfpq_trainable(count: int, params: IndexParams) -> bool:
     return count >= max(IVFPQ_MIN_VECTORS, 1 << params.pq_nbits, 39 * (params.nlist or 0))
 
 
-_RANK = {"flat": 0, "hnsw": 1, "ivfpq": 2}
+_RANK = {"flat": 0, "hnsw": 1, "hnswsq": 1, "ivfpq": 2}  # an existing hnsw index is not re-indexed sideways
 
 
 def fitting_type(requested: str, count: int, params: IndexParams) -> str:
     """The type `requested` means for `count` vectors.
 
-    An explicit ivfpq index stays exact (flat) until it holds enough vectors to train on.
+    An explicit ivfpq or hnswsq index stays exact (flat) until it holds enough vectors to train
+    on; auto takes the full-precision graph there instead (only when FLAT_MAX is set that low).
     """
     wanted = choose_type(requested, count)
     if wanted == "ivfpq" and not ivfpq_trainable(count, params):
-        wanted = "flat" if requested == "ivfpq" else "hnsw"
+        wanted = "flat" if requested == "ivfpq" else "hnswsq"
+    if wanted == "hnswsq" and count < SQ_MIN_VECTORS:
+        wanted = "flat" if requested == "hnswsq" else "hnsw"
     return wanted
 
 

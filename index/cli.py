@@ -150,8 +150,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  generation {info['generation']}  tombstones {info['tombstones']}  size {info['size_bytes'] / 1e6:.2f} MB")
     print(f"  created {info['created']}  updated {info['updated']}")
     p = info["params"]
-    if info["index_type"] == "hnsw":
-        print(f"  HNSW M={p['hnsw_m']} efConstruction={p['ef_construction']} efSearch={p['ef_search']}")
+    if info["index_type"] in ("hnsw", "hnswsq"):
+        codes = f" over 8-bit codes, re-score factor={p['refine_k_factor']}" if info["index_type"] == "hnswsq" else ""
+        print(f"  HNSW M={p['hnsw_m']} efConstruction={p['ef_construction']} efSearch={p['ef_search']}{codes}")
     elif info["index_type"] == "ivfpq":
         print(f"  IVF-PQ nlist={p['nlist']} nprobe={p['nprobe']} m={p['pq_m']} nbits={p['pq_nbits']} "
               f"re-rank factor={p.get('refine_k_factor') or 'off'}")
@@ -193,7 +194,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def _add_type_flags(p: argparse.ArgumentParser, with_type_default: bool) -> None:
     p.add_argument("--type", choices=REQUESTABLE, default="auto" if with_type_default else None,
-                   help="index type (auto: exact up to 100k images, HNSW up to 5M, IVF-PQ beyond)")
+                   help="index type (auto: exact up to 100k images, HNSW over 8-bit codes with exact re-scoring "
+                        "(hnswsq) up to 5M, IVF-PQ beyond)")
     p.add_argument("--hnsw-m", type=int, help="HNSW graph degree (default 32)")
     p.add_argument("--ef-construction", type=int, help="HNSW build candidate list (default 200)")
     p.add_argument("--ef-search", type=int, help="HNSW query candidate list (default 128)")
@@ -201,7 +203,7 @@ def _add_type_flags(p: argparse.ArgumentParser, with_type_default: bool) -> None
     p.add_argument("--nprobe", type=int, help="IVF lists scanned per query (default 32)")
     p.add_argument("--pq-m", type=int, help="PQ sub-quantizers (default dim/8)")
     p.add_argument("--refine-k-factor", type=int,
-                   help="IVF-PQ: re-rank k*factor candidates with float16 vectors (default 4; 0: codes only)")
+                   help="IVF-PQ, HNSW-SQ: re-rank k*factor candidates with float16 vectors (default 4; 0: IVF-PQ codes only)")
 
 
 def _add_device_flag(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,62 @@
+"""The hnswsq type: HNSW over 8-bit codes with exact float16 re-scoring, through ImageIndex and the auto choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index import ImageIndex, NewImage, backends
+
+
+def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    """Unit vectors around 20 centres: neighbour structure an approximate index can use."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim))
+    x = centres[rng.integers(0, 20, n)] + 0.3 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def images(n: int, start: int = 0) -> list[NewImage]:
+    return [NewImage(f"v/{i}.jpg", f"{i:064x}", 32, 32) for i in range(start, start + n)]
+
+
+def exact_top(x: np.ndarray, q: np.ndarray, k: int, ids: np.ndarray) -> list[set[int]]:
+    return [set(ids[np.argsort(-(x @ row))[:k]].tolist()) for row in q]
+
+
+def test_auto_picks_hnswsq_past_the_exact_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "FLAT_MAX", 1500)
+    assert backends.choose_type("auto", 1500) == "flat"
+    assert backends.choose_type("auto", 1501) == "hnswsq"
+    assert backends.fitting_type("hnswsq", backends.SQ_MIN_VECTORS - 1, backends.IndexParams()) == "flat"
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_hnswsq_recall_removal_and_reopen(tmp_path: Path, mmap: bool) -> None:
+    x = clustered(3000)
+    idx = ImageIndex.create(tmp_path / "i", "m", dim=32, index_type="hnswsq", root=tmp_path)
+    idx.add_embeddings(x[:500], images(500))
+    assert idx.index_type == "flat"  # too few vectors to train the quantizer yet
+    idx.add_embeddings(x[500:], images(2500, start=500))
+    assert idx.index_type == "hnswsq" and len(idx) == 3000
+    q = clustered(50, seed=1)
+    ids = np.arange(1, 3001)
+    truth = exact_top(x, q, 10, ids)
+    hits = idx.search_by_vector(q, 10)
+    recall = np.mean([len({h.id for h in row} & t) / 10 for row, t in zip(hits, truth)])
+    assert recall >= 0.95
+    # re-scored scores are the exact cosines (float16 copies), not the 8-bit approximations
+    top = hits[0][0]
+    assert top.score == pytest.approx(float(x[top.id - 1] @ q[0]), abs=2e-3)
+    removed = [row[0].id for row in hits[:5]]
+    assert idx.remove(removed) == 5
+    idx.close()
+    reopened = ImageIndex.open(tmp_path / "i", mmap=mmap)
+    assert reopened.verify()["tombstones"] == 5
+    again = reopened.search_by_vector(q[:5], 10)
+    assert not {h.id for row in again for h in row} & set(removed)
+    assert all(len(row) == 10 for row in again)
+    reopened.rebuild()
+    assert reopened.index_type == "hnswsq" and reopened.verify()["tombstones"] == 0 and len(reopened) == 2995
