@@ -32,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from index import backends
 
@@ -56,6 +57,17 @@ def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000, intrinsic: i
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start : start + m] = block
     return out
+
+
+def realistic_vectors(n: int, queries: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Real embeddings up to their count, vectors of the mixture fitted to them beyond; real held-out queries."""
+    import realistic_vectors as rv
+
+    real = np.load(rv.embed_real(rv.train_model(4.0, 2), 2)["real_base"]).astype(np.float32)
+    xq = np.load(rv.CACHE / "real_queries.f16.npy")[:queries].astype(np.float32)
+    if n <= len(real):
+        return np.ascontiguousarray(real[:n]), xq, "real clipforge embeddings (CIFAR-10 x 3 views, Flickr8k-1k)"
+    return np.asarray(rv.fitted_vectors(n, real), dtype=np.float32), xq, "vectors of the mixture fitted to them"
 
 
 def percentiles(times: list[float]) -> tuple[float, float]:
@@ -85,10 +97,14 @@ def recall_at_10(index: faiss.Index, kind: str, params: dict, queries: np.ndarra
 def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) -> list[dict]:
     rows: list[dict] = []
     for n in args.sizes:
-        kind_of_data = f"near a {args.intrinsic_dim}-d subspace" if args.intrinsic_dim else "isotropic"
-        print(f"\n== {n:,} x {args.dim} random unit vectors, {kind_of_data} ==", flush=True)
-        xb = unit_vectors(n, args.dim, seed=1, intrinsic=args.intrinsic_dim)
-        xq = unit_vectors(args.queries, args.dim, seed=2, intrinsic=args.intrinsic_dim)
+        if args.data == "realistic":
+            xb, xq, kind_of_data = realistic_vectors(n, args.queries)
+            print(f"\n== {n:,} x {xb.shape[1]} {kind_of_data} ==", flush=True)
+        else:
+            kind_of_data = f"near a {args.intrinsic_dim}-d subspace" if args.intrinsic_dim else "isotropic"
+            print(f"\n== {n:,} x {args.dim} random unit vectors, {kind_of_data} ==", flush=True)
+            xb = unit_vectors(n, args.dim, seed=1, intrinsic=args.intrinsic_dim)
+            xq = unit_vectors(args.queries, args.dim, seed=2, intrinsic=args.intrinsic_dim)
         ids = np.arange(n, dtype=np.int64)
         truth = None
         for kind in args.types:
@@ -100,7 +116,7 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
             faiss.omp_set_num_threads(args.build_threads or os.cpu_count() or 1)
             before = rss_mb()
             t0 = time.perf_counter()
-            index, resolved = backends.new_index(kind, args.dim, params, train=xb if kind == "ivfpq" else None)
+            index, resolved = backends.new_index(kind, args.dim, params, train=xb if kind in backends.REFINED else None)
             train_s = time.perf_counter() - t0
             backends.add(index, xb, ids)
             build_s = time.perf_counter() - t0
@@ -113,9 +129,9 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                 truth = backends.search(exact, "flat", xq, 10, {}, None)[1]
                 del exact
             faiss.omp_set_num_threads(args.threads or os.cpu_count() or 1)
-            knob_name = {"hnsw": "ef_search", "ivfpq": "nprobe"}.get(kind)
-            settings = {"hnsw": args.ef_search, "ivfpq": args.nprobe}.get(kind, [None])
-            factors = args.refine if kind == "ivfpq" else [None]
+            knob_name = {"hnsw": "ef_search", "hnswsq": "ef_search", "ivfpq": "nprobe"}.get(kind)
+            settings = {"hnsw": args.ef_search, "hnswsq": args.ef_search, "ivfpq": args.nprobe}.get(kind, [None])
+            factors = args.refine if kind in backends.REFINED else [None]
             print(f"{kind}: built in {build_s:.1f}s (train {train_s:.1f}s), +{mem:.0f} MiB RSS", flush=True)
             half = None
             if kind == "flat":  # the ImageIndex's single-query path: float16 scan, float32 re-score
@@ -198,6 +214,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--data", choices=("random", "realistic"), default="random",
+                        help="realistic: clipforge embeddings of real images, a fitted mixture past their count "
+                             "(bench/realistic_vectors.py)")
     parser.add_argument("--intrinsic-dim", type=int, default=0,
                         help="0: isotropic random vectors (hardest case); e.g. 32: low intrinsic dimension like real embeddings")
     parser.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivfpq"], choices=backends.INDEX_TYPES)
