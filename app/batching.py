@@ -24,6 +24,15 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class QueueFull(Exception):
+    """A batcher's queue is at its bound: the request is refused at once rather than left waiting."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(f"the {name} queue is full ({limit:,} requests waiting); retry shortly")
+        self.name = name
+        self.limit = limit
+
+
 @dataclass
 class _QueuedItem(Generic[T, R]):
     """One submitted item waiting for its batch: its weight in rows, the future its submitter awaits."""
@@ -40,15 +49,17 @@ class MicroBatcher(Generic[T, R]):
     An item's weight is how many rows it adds to the batch (a request with 6 texts weighs 6); an item
     heavier than max_batch_size runs alone. `in_flight` (requests the server is handling) lets a batch
     start without waiting when every in-flight request is already queued: nobody else could join it,
-    so a lone request never pays the wait.
+    so a lone request never pays the wait. `max_queue` bounds the requests waiting (not counting the
+    batch running): past it `submit` raises QueueFull at once.
     """
 
     def __init__(
         self, name: str, fn: Callable[[list[T]], Sequence[R]], executor: ThreadPoolExecutor, *,
         max_batch_size: int, max_wait_ms: float, metrics: ServiceMetrics | None = None,
-        in_flight: Callable[[], int] | None = None,
+        in_flight: Callable[[], int] | None = None, max_queue: int | None = None,
     ) -> None:
         self.name = name
+        self.max_queue = max_queue
         self.fn = fn
         self.executor = executor
         self.max_batch_size = max(1, max_batch_size)
@@ -84,6 +95,8 @@ class MicroBatcher(Generic[T, R]):
     async def submit(self, item: T, weight: int = 1) -> R:
         if not self.running or self._stopping:
             raise RuntimeError(f"the {self.name} batcher is not running")
+        if self.max_queue is not None and len(self._queue) >= self.max_queue:
+            raise QueueFull(self.name, self.max_queue)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append(_QueuedItem(item, max(1, weight), future))
         assert self._wakeup is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
@@ -22,6 +23,7 @@ from model.errors import ImageError
 from .encoders import Encoders
 from .errors import ApiError, image_error, not_ready
 from .index_search import IndexSearcher
+from .limits import ServingLimits
 from .metrics import ServiceMetrics
 from .model_worker import ModelWorker
 from .settings import Settings
@@ -35,6 +37,7 @@ class ServiceState:
     """Everything loaded at start-up (app/lifespan.py); routes reach it through the dependencies below."""
 
     settings: Settings
+    limits: ServingLimits = field(default_factory=ServingLimits)
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     clip: CLIPInference | None = None
     worker: ModelWorker | None = None
@@ -115,7 +118,16 @@ SearcherDep = Annotated[IndexSearcher, Depends(get_searcher)]
 bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
 
 
-def _check_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
+def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
+    """`Authorization: Bearer <key>` as HTTPBearer reads it (None for a missing header or another scheme)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+
+
+def check_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
+    """401 without a key, 403 for a wrong one (or when no keys are configured)."""
     if not settings.api_keys:
         raise ApiError(403, "writes_disabled", "no API keys are configured; set CLIPFORGE_API_KEYS to allow writes")
     if credentials is None or not credentials.credentials:
@@ -133,12 +145,12 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def require_write_key(settings: SettingsDep, credentials: BearerDep) -> None:
-    _check_key(settings, credentials)
+    check_key(settings, credentials)
 
 
 def require_read_key(settings: SettingsDep, credentials: BearerDep) -> None:
     if settings.protect_reads:
-        _check_key(settings, credentials)
+        check_key(settings, credentials)
 
 
 # ---------------------------------------------------------------------- input limits
@@ -161,6 +173,36 @@ def check_texts(texts: list[str], what: str, max_count: int, max_chars: int) -> 
     if len(texts) > max_count:
         raise ApiError(422, "too_many_texts", f"{len(texts):,} {what} given; the limit is {max_count:,}")
     return [check_text(t, f"{what}[{i}]", max_chars) for i, t in enumerate(texts)]
+
+
+def prompt_sizes(labels: Sequence[str], templates: Sequence[str]) -> tuple[int, int]:
+    """(longest, total) UTF-8 bytes of model.zeroshot.label_prompts(labels, templates), without building them.
+
+    A template's every "{}" takes the label; a template without one gets " label" appended.
+    """
+    label_bytes = [len(label.encode("utf-8")) for label in labels]
+    n, summed, longest_label = len(labels), sum(label_bytes), max(label_bytes, default=0)
+    longest = total = 0
+    for template in templates:
+        size, slots = len(template.encode("utf-8")), template.count("{}")
+        if slots:
+            longest = max(longest, size + slots * (longest_label - 2))
+            total += n * size + slots * (summed - 2 * n)
+        else:
+            longest = max(longest, size + 1 + longest_label)
+            total += n * (size + 1) + summed
+    return longest, total
+
+
+def check_prompt_sizes(labels: Sequence[str], templates: Sequence[str], *, per_prompt: int, total: int) -> None:
+    """Bound the expanded prompts' text before anything is built or tokenized (their count alone is not enough)."""
+    longest, summed = prompt_sizes(labels, templates)
+    if longest > per_prompt:
+        raise ApiError(422, "prompt_too_long", f"the longest label x template prompt is {longest:,} bytes of UTF-8; "
+                       f"the limit is {per_prompt:,} (use shorter labels or templates)")
+    if summed > total:
+        raise ApiError(422, "prompts_too_large", f"{len(labels):,} labels x {len(templates):,} templates expand to "
+                       f"{summed:,} bytes of UTF-8 prompts; the limit is {total:,}")
 
 
 def check_k(k: int, settings: Settings) -> int:

@@ -14,10 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from model.errors import ClipforgeError, ImageError, ImageTooLargeError
 
+from .batching import QueueFull
 from .forms import FormError
+from .messages import public_message
 from .schemas import ErrorResponse
 
 log = logging.getLogger("clipforge.app")
@@ -39,7 +42,8 @@ def not_ready(what: str) -> ApiError:
 
 
 def error_json(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse({"error": {"code": code, "message": public_message(message)}}, status_code=status,
+                        headers=headers)
 
 
 def image_error(exc: ImageError) -> ApiError:
@@ -51,10 +55,11 @@ def image_error(exc: ImageError) -> ApiError:
     return ApiError(422, "corrupt_image", str(exc))
 
 
-_HTTP_CODES = {
+HTTP_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 411: "length_required", 413: "payload_too_large", 414: "uri_too_long",
-    415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests", 503: "not_ready",
+    406: "not_acceptable", 408: "request_timeout", 411: "length_required", 413: "payload_too_large",
+    414: "uri_too_long", 415: "unsupported_media_type", 416: "range_not_satisfiable", 422: "validation_error",
+    429: "too_many_requests", 500: "internal_error", 503: "not_ready",
 }
 
 
@@ -79,15 +84,32 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_json(422, "validation_error", _describe_validation(exc))
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     status = exc.status_code
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
     if status >= 500 and status != 503:
         log.error("http error %s: %s", status, exc.detail)
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if status == 400 and message == "There was an error parsing the body":
         message = "the request body could not be parsed (malformed JSON or multipart, or invalid UTF-8)"
-    code = exc.code if isinstance(exc, FormError) else _HTTP_CODES.get(status, "error")
-    return error_json(status, code, message, getattr(exc, "headers", None))
+    code = exc.code if isinstance(exc, FormError) else HTTP_CODES.get(status, "error")
+    return error_json(status, code, message, headers or None)
+
+
+async def _overloaded(request: Request, exc: QueueFull) -> JSONResponse:
+    retry_after = request.app.state.service.limits.retry_after_s
+    return error_json(503, "overloaded", str(exc), headers={"Retry-After": str(retry_after)})
 
 
 async def _clipforge_error(request: Request, exc: ClipforgeError) -> JSONResponse:
@@ -112,6 +134,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClipforgeError, _clipforge_error)  # type: ignore[arg-type]
+    app.add_exception_handler(QueueFull, _overloaded)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 
 
@@ -124,7 +147,7 @@ _DESCRIPTIONS = {
     415: "Not an image format the service can decode",
     422: "Invalid parameters: bad k, too many or too long texts (or labels x templates), text that is not valid "
          "UTF-8, too many images, missing labels, corrupt image",
-    503: "Model or index not loaded",
+    503: "Model or index not loaded, or the server is overloaded (then with Retry-After)",
 }
 
 

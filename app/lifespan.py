@@ -88,7 +88,8 @@ async def start_service(state: ServiceState) -> None:
     settings = state.settings
     metrics = state.metrics
     worker = ModelWorker(max_batch_size=settings.effective_batch_size, max_wait_ms=settings.max_wait_ms,
-                         metrics=metrics, in_flight=lambda: metrics.active)
+                         metrics=metrics, in_flight=lambda: metrics.active, max_queue=state.limits.max_queue,
+                         heartbeat_s=state.limits.heartbeat_s)
     encoders = Encoders(state.clip, worker, cache_size=settings.text_cache_size, metrics=metrics)
     if state.index is not None:
         state.searcher = IndexSearcher(state.index, worker)

@@ -16,7 +16,8 @@ from fastapi.staticfiles import StaticFiles
 from .dependencies import ServiceState
 from .errors import install_error_handlers
 from .lifespan import lifespan
-from .middleware import BodyLimitMiddleware, RequestContextMiddleware
+from .limits import ServingLimits, load_limits
+from .middleware import AuthFirstMiddleware, BodyLimitMiddleware, JsonErrorsMiddleware, RequestContextMiddleware
 from .openapi import DESCRIPTION, TAGS, install_openapi
 from .routers import classify, embed, images, search, similarity, system
 from .settings import Settings
@@ -25,9 +26,13 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 VERSION = "0.1.0"
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """A FastAPI app over one checkpoint (and optionally one index); nothing loads until start-up."""
-    state = ServiceState(settings=settings)
+def create_app(settings: Settings, limits: ServingLimits | None = None) -> FastAPI:
+    """A FastAPI app over one checkpoint (and optionally one index); nothing loads until start-up.
+
+    `limits` defaults to the CLIPFORGE_* environment (app/limits.py).
+    """
+    limits = limits if limits is not None else load_limits()
+    state = ServiceState(settings=settings, limits=limits)
     form_fields = max(settings.max_labels, settings.max_texts) + 16
     app = FastAPI(
         title="clipforge", version=VERSION, lifespan=lifespan(state), openapi_tags=TAGS, description=DESCRIPTION,
@@ -36,7 +41,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.service = state
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    # outermost last: request ids and logs, CORS, every error as JSON, the key, then the body's limits
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       idle_timeout_s=limits.body_idle_timeout_s, total_timeout_s=limits.body_timeout_s)
+    app.add_middleware(AuthFirstMiddleware, router=app.router, settings=settings)
+    app.add_middleware(JsonErrorsMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .messages import public_message
 
 
 class ErrorBody(BaseModel):
     code: str = Field(description="stable machine-readable code, e.g. image_too_large")
     message: str = Field(description="what is wrong and, where possible, how to fix it")
+
+    @field_validator("message")
+    @classmethod
+    def _no_object_reprs(cls, value: str) -> str:
+        return public_message(value)
 
 
 class ErrorResponse(BaseModel):

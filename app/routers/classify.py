@@ -8,7 +8,7 @@ from fastapi import File, Form, UploadFile
 
 from model import rank_labels, templates_or_default
 
-from ..dependencies import ClipDep, EncodersDep, ReadyStateDep, check_texts, read_image
+from ..dependencies import ClipDep, EncodersDep, ReadyStateDep, check_prompt_sizes, check_texts, read_image
 from ..errors import ApiError, image_upload_responses
 from ..schemas import ClassifyResponse, Prediction
 from . import read_router
@@ -40,13 +40,16 @@ async def classify(
                            "(the checkpoint stores no class names and no labels file was configured)")
     if templates:
         templates = check_texts(templates, "templates", settings.max_texts, settings.max_text_chars)
-    n_templates = len(templates_or_default(templates))
-    prompts = len(labels) * n_templates
+    expanded = templates_or_default(templates)
+    prompts = len(labels) * len(expanded)
     # Only a request's own labels or templates are capped: the server's defaults alone are the
     # operator's choice (and their embeddings are cached after the first request).
-    if (given_labels or templates) and prompts > settings.prompt_limit:
-        raise ApiError(422, "too_many_prompts", f"{len(labels):,} labels x {n_templates:,} "
-                       f"templates is {prompts:,} prompts; the limit is {settings.prompt_limit:,}")
+    if given_labels or templates:
+        if prompts > settings.prompt_limit:
+            raise ApiError(422, "too_many_prompts", f"{len(labels):,} labels x {len(expanded):,} "
+                           f"templates is {prompts:,} prompts; the limit is {settings.prompt_limit:,}")
+        check_prompt_sizes(labels, expanded, per_prompt=state.limits.prompt_bytes(clip.tokenizer.max_length),
+                           total=state.limits.max_prompt_bytes_total)
     pixels = await read_image(clip, image)
     label_emb = await encoders.label_embeddings(labels, templates)
     image_emb = (await encoders.embed_pixels(pixels.unsqueeze(0)))[0]

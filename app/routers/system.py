@@ -34,7 +34,7 @@ async def info(state: ReadyStateDep, clip: ClipDep) -> InfoResponse:
         logit_scale=clip.logit_scale, default_labels=state.default_labels, index=index_info,
         batching={"enabled": state.settings.batching, "max_batch_size": state.settings.effective_batch_size,
                   "max_wait_ms": state.settings.max_wait_ms, "text_cache_size": state.settings.text_cache_size},
-        limits=state.settings.public_limits(),
+        limits={**state.settings.public_limits(), **state.limits.public(clip.tokenizer.max_length)},
     )
 
 
@@ -48,12 +48,16 @@ async def healthz() -> Health:
     "/readyz", operation_id="readyz", response_model=Readiness, responses=error_responses(503), summary="Readiness",
 )
 async def readyz(state: StateDep) -> Readiness:
-    """200 once the model (and the index, when one is configured) is loaded; 503 before and during shutdown."""
+    """200 once the model (and the index, when one is configured) is loaded and the model thread answers
+    its heartbeat; 503 before start-up finished, during shutdown, and while the model thread is dead or hung."""
     model_ok = state.ready and state.clip is not None
     index_ok = state.index is not None
     if not model_ok or (state.settings.index is not None and not index_ok):
         raise ApiError(503, "not_ready", f"model loaded: {'yes' if model_ok else 'no'}; "
                        f"index loaded: {'yes' if index_ok else 'no'}")
+    problem = state.worker.problem(state.limits.worker_stall_s) if state.worker is not None else "no model worker"
+    if problem is not None:
+        raise ApiError(503, "not_ready", problem)
     return Readiness(status="ready", model=model_ok, index=index_ok)
 
 
