@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .clip import CLIP
 from .config import CLIPConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ClipforgeError, ConfigError
 from .fileio import publish_directory, utc_timestamp, write_atomic
 from .tokenizer import CLIPTokenizer
 from .vision import interpolate_pos_embed
@@ -154,7 +154,10 @@ def load_checkpoint(
     trained_size = cfg.img_size
     if img_size is not None and img_size != cfg.img_size:
         cfg = cfg.replace(img_size=img_size)
-    model = CLIP(cfg)
+    try:
+        model = CLIP(cfg)  # a transformers tower is rebuilt from the config it stores (model/hf_towers.py)
+    except ClipforgeError as exc:
+        raise CheckpointError(f"checkpoint {directory}: its model cannot be built: {exc}") from exc
     if trained_size != cfg.img_size and "visual.pos_embed" in state:
         state["visual.pos_embed"] = interpolate_pos_embed(state["visual.pos_embed"], cfg.img_size // cfg.patch_size)
     expected_state = model.state_dict()

@@ -39,6 +39,18 @@ def _checkpoint_config(directory: Path) -> CLIPConfig:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
+def _image_tower_text(cfg: CLIPConfig) -> str:
+    if cfg.image_tower == "hf":
+        return f"vision transformers {cfg.image_tower_config['model_type']} ({cfg.img_dim} features)"
+    return f"patch {cfg.patch_size}, vision {cfg.img_dim}x{cfg.img_n_layers} ({cfg.img_n_heads} heads)"
+
+
+def _text_tower_text(cfg: CLIPConfig) -> str:
+    if cfg.text_tower == "hf":
+        return f"text transformers {cfg.text_tower_config['model_type']} ({cfg.text_dim} wide, {cfg.text_pool} pooled)"
+    return (f"text {cfg.text_dim}x{cfg.text_n_layers} ({cfg.text_n_heads} heads, {cfg.text_n_kv_heads} kv)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     target = args.preset
     if Path(target).is_dir():
@@ -49,9 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
         return 0
-    print(f"{target}: image {cfg.img_size}px/{cfg.patch_size}, vision {cfg.img_dim}x{cfg.img_n_layers} "
-          f"({cfg.img_n_heads} heads), text {cfg.text_dim}x{cfg.text_n_layers} ({cfg.text_n_heads} heads, "
-          f"{cfg.text_n_kv_heads} kv), {cfg.max_seq_len} tokens, vocab {cfg.vocab_size}, embed {cfg.align_dim}")
+    print(f"{target}: image {cfg.img_size}px, {_image_tower_text(cfg)}, {_text_tower_text(cfg)}, "
+          f"{cfg.max_seq_len} tokens, vocab {cfg.vocab_size}, embed {cfg.align_dim}")
     print(f"  parameters  image {info['params_image'] / 1e6:8.2f} M   text {info['params_text'] / 1e6:8.2f} M   "
           f"total {info['params_total'] / 1e6:8.2f} M")
     print(f"  GFLOPs      per image {info['gflops_per_image']:8.3f}   per text ({cfg.max_seq_len} tokens) "

@@ -17,25 +17,56 @@ from .text import TextTransformer
 from .vision import ColourSplit, VisionTransformer, conv_stem_widths
 
 
+def _image_tower(cfg: CLIPConfig) -> nn.Module:
+    if cfg.image_tower == "hf":  # transformers is imported only where a config asks for it
+        from .hf_towers import HFImageTower
+
+        return HFImageTower(cfg)
+    return VisionTransformer(cfg)
+
+
+def _text_tower(cfg: CLIPConfig) -> nn.Module:
+    if cfg.text_tower == "hf":
+        from .hf_towers import HFTextTower
+
+        return HFTextTower(cfg)
+    return TextTransformer(cfg)
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg)
-        self.text = TextTransformer(cfg)
+        self.visual = _image_tower(cfg)
+        self.text = _text_tower(cfg)
         self.image_proj = nn.Linear(cfg.img_dim, cfg.align_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.align_dim, bias=False)
         # log of the inverse temperature, CLIP's parameterisation: exp() keeps it positive.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # Towers that stay in eval mode when the model trains ("visual", "text"): locked ones, whose
+        # dropout would only add noise to features that do not learn. Set by training; not saved.
+        self.eval_towers: tuple[str, ...] = ()
         self._init_weights()
+
+    def train(self, mode: bool = True) -> CLIP:
+        """Train (or eval) mode, but the towers in eval_towers always in eval mode."""
+        super().train(mode)
+        for name in self.eval_towers:
+            getattr(self, name).eval()
+        return self
 
     def _init_weights(self) -> None:
         """OpenAI CLIP's width-scaled init: std = width^-0.5 for attention inputs, projections and
         the vision tokens, (2 width)^-0.5 for the MLP input, and residual outputs shrunk further by
-        (2 layers)^-0.5; it suits the narrow CPU widths better than GPT-2's flat 0.02 (docs/benchmarks.md)."""
+        (2 layers)^-0.5; it suits the narrow CPU widths better than GPT-2's flat 0.02 (docs/benchmarks.md).
+        transformers towers keep their own init (or their pretrained weights)."""
         cfg = self.cfg
-        for tower, width, layers in ((self.visual, cfg.img_dim, cfg.img_n_layers),
-                                     (self.text, cfg.text_dim, cfg.text_n_layers)):
+        own = []
+        if cfg.image_tower == "clipforge":
+            own.append((self.visual, cfg.img_dim, cfg.img_n_layers))
+        if cfg.text_tower == "clipforge":
+            own.append((self.text, cfg.text_dim, cfg.text_n_layers))
+        for tower, width, layers in own:
             std = width ** -0.5
             for block in tower.blocks:
                 nn.init.normal_(block.attn.qkv.weight, std=std)
@@ -44,16 +75,18 @@ class CLIP(nn.Module):
                 nn.init.normal_(block.mlp.proj.weight, std=std * (2 * layers) ** -0.5)
                 for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
                     nn.init.zeros_(lin.bias)
-        v = self.visual
-        nn.init.normal_(v.cls_token, std=cfg.img_dim ** -0.5)
-        nn.init.normal_(v.pos_embed, std=cfg.img_dim ** -0.5)
-        if v.head is not None:
-            nn.init.normal_(v.head.weight, std=cfg.img_dim ** -0.5)
-            nn.init.zeros_(v.head.bias)
-        # the patch embedding (and ColourSplit's colour map) keeps PyTorch's default (fan-in scaled) init, as in CLIP
-        nn.init.normal_(self.text.tok_embed.weight, std=0.02)
-        if self.text.pos_embed is not None:
-            nn.init.normal_(self.text.pos_embed, std=0.01)
+        if cfg.image_tower == "clipforge":
+            v = self.visual
+            nn.init.normal_(v.cls_token, std=cfg.img_dim ** -0.5)
+            nn.init.normal_(v.pos_embed, std=cfg.img_dim ** -0.5)
+            if v.head is not None:
+                nn.init.normal_(v.head.weight, std=cfg.img_dim ** -0.5)
+                nn.init.zeros_(v.head.bias)
+            # the patch embedding (and ColourSplit's colour map) keeps PyTorch's default (fan-in scaled) init, as in CLIP
+        if cfg.text_tower == "clipforge":
+            nn.init.normal_(self.text.tok_embed.weight, std=0.02)
+            if self.text.pos_embed is not None:
+                nn.init.normal_(self.text.pos_embed, std=0.01)
         nn.init.normal_(self.image_proj.weight, std=cfg.img_dim ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=cfg.text_dim ** -0.5)
 
@@ -99,31 +132,36 @@ class CLIP(nn.Module):
         text = count(self.text) + self.text_proj.weight.numel()
         return {"image": image, "text": text, "total": count(self)}
 
-    def param_groups(self, weight_decay: float, text_lr_scale: float = 1.0) -> list[dict]:
+    def param_groups(self, weight_decay: float, text_lr_scale: float = 1.0, image_lr_scale: float = 1.0) -> list[dict]:
         """AdamW groups: decay on matrices only; none on norms, biases, CLS, positions, temperature.
 
         Each group carries an "lr_scale" (the trainer multiplies its scheduled lr by it): the
-        text tower and its projection get text_lr_scale, everything else 1, so captions that
-        differ in one word stay apart until the image tower has learned the difference.
+        text tower and its projection get text_lr_scale, the image tower and its projection
+        image_lr_scale, the temperature 1. A slower text tower keeps captions that differ in one
+        word apart until the image tower has learned the difference; slower pretrained towers
+        keep what they know while new projections learn. Frozen parameters are left out.
         """
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        scales = {"image": image_lr_scale, "text": text_lr_scale, "shared": 1.0}
+        groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             plain = p.ndim < 2 or name.endswith(("cls_token", "pos_embed")) or name == "logit_scale"
-            text = name.startswith(("text.", "text_proj."))
-            groups.setdefault((not plain, text), []).append(p)
+            tower = ("text" if name.startswith(("text.", "text_proj.")) else
+                     "image" if name.startswith(("visual.", "image_proj.")) else "shared")
+            groups.setdefault((not plain, tower), []).append(p)
+        order = {"image": 0, "text": 1, "shared": 2}
         return [
-            {"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "lr_scale": text_lr_scale if text else 1.0}
-            for (decay, text), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+            {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scales[tower]}
+            for (decay, tower), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], order[kv[0][1]]))
         ]
 
     def flops_per_image(self) -> float:
-        return estimate_image_flops(self.cfg)
+        """Forward FLOPs of one image; NaN for a transformers tower (no estimate for arbitrary backbones)."""
+        return estimate_image_flops(self.cfg) if self.cfg.image_tower == "clipforge" else math.nan
 
     def flops_per_text(self, seq_len: int | None = None) -> float:
-        return estimate_text_flops(self.cfg, seq_len)
+        return estimate_text_flops(self.cfg, seq_len) if self.cfg.text_tower == "clipforge" else math.nan
 
     def estimate_mfu(self, samples_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
         """Model FLOPs utilisation of a training run: 3x forward FLOPs (fwd + bwd) / peak."""

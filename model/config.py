@@ -6,6 +6,7 @@ is enough to rebuild the model exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, fields
@@ -15,6 +16,14 @@ from .errors import ConfigError
 
 MLP_ACTIVATIONS = ("gelu", "quick_gelu")
 IMAGE_RESIZES = ("crop_box", "shortest_edge")
+# "clipforge": the ViT / causal text transformer of this package; "hf": a transformers backbone
+# (model/hf_towers.py) rebuilt from the *_tower_config dict stored in config.json.
+TOWER_KINDS = ("clipforge", "hf")
+HF_TEXT_POOLS = ("cls", "mean")
+# Fields a config of two clipforge towers leaves out of config.json, so such checkpoints stay
+# byte-identical to (and readable by) versions from before pretrained towers.
+_OMITTED_AT_DEFAULT = {"image_tower": "clipforge", "image_tower_config": None, "text_tower": "clipforge",
+                       "text_tower_config": None, "text_pool": "eot"}
 # Field names older checkpoints wrote, and their current names.
 _RENAMED_FIELDS = {"is_flash": "use_sdpa"}
 
@@ -53,6 +62,16 @@ class CLIPConfig:
     # then an img_size centre crop), what imported models were trained with.
     image_resize: str = "crop_box"
     image_resize_size: int | None = None  # "shortest_edge" only; None means img_size
+    # Which towers: "clipforge" (below) or "hf", a transformers backbone built from the dict of its
+    # transformers config (model_type and its fields; random init, weights come from the checkpoint).
+    # An "hf" image tower pools its backbone's output (pooler_output, else the CLS token, else the spatial
+    # mean) and its width must be img_dim; an "hf" text tower pools at text_pool ("cls" or "mean" over the
+    # tokens up to the end token), its width is text_dim and its vocabulary vocab_size.
+    image_tower: str = "clipforge"
+    image_tower_config: dict[str, Any] | None = None
+    text_tower: str = "clipforge"
+    text_tower_config: dict[str, Any] | None = None
+    text_pool: str = "eot"  # "eot" for the clipforge text tower; "cls" or "mean" for an "hf" one
     # text tower (GPT-style, causal)
     vocab_size: int = 6400
     max_seq_len: int = 64
@@ -96,32 +115,11 @@ class CLIPConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
-        if self.img_dim % self.img_n_heads:
-            raise ConfigError(f"img_dim ({self.img_dim}) must be divisible by img_n_heads ({self.img_n_heads})")
-        if self.text_dim % self.text_n_heads:
-            raise ConfigError(f"text_dim ({self.text_dim}) must be divisible by text_n_heads ({self.text_n_heads})")
-        if self.text_n_heads % self.text_n_kv_heads:
-            raise ConfigError(
-                f"text_n_heads ({self.text_n_heads}) must be divisible by text_n_kv_heads ({self.text_n_kv_heads})"
-            )
-        if self.text_pos == "rope" and (self.text_dim // self.text_n_heads) % 2:
-            raise ConfigError("rotary embeddings need an even head dimension (text_dim / text_n_heads)")
-        if self.img_pool not in ("cls", "mean"):
-            raise ConfigError(f"img_pool must be 'cls' or 'mean', got {self.img_pool!r}")
-        if self.img_stem not in ("patch", "conv"):
-            raise ConfigError(f"img_stem must be 'patch' or 'conv', got {self.img_stem!r}")
-        if self.img_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ConfigError(f"img_stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
-        if self.img_color_layer is not None:
-            if not 0 <= self.img_color_layer < self.img_n_layers:
-                raise ConfigError(
-                    f"img_color_layer must name a block, 0 to img_n_layers - 1 ({self.img_n_layers - 1}), "
-                    f"or be null, got {self.img_color_layer}"
-                )
-            if self.channel != 3:
-                raise ConfigError(f"img_color_layer needs RGB images (channel = 3), got channel = {self.channel}")
+        self._check_towers()
+        if self.image_tower == "clipforge":
+            self._check_vit()
+        if self.text_tower == "clipforge":
+            self._check_text_transformer()
         if self.mlp_act not in MLP_ACTIVATIONS:
             raise ConfigError(f"mlp_act must be one of {', '.join(map(repr, MLP_ACTIVATIONS))}, got {self.mlp_act!r}")
         if self.image_resize not in IMAGE_RESIZES:
@@ -136,8 +134,6 @@ class CLIPConfig:
                     f"image_resize_size ({self.image_resize_size}) must be at least img_size ({self.img_size}), "
                     "the centre crop's side"
                 )
-        if self.text_pos not in ("rope", "learned"):
-            raise ConfigError(f"text_pos must be 'rope' or 'learned', got {self.text_pos!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
             raise ConfigError(f"num_classes must be a positive integer or null, got {self.num_classes!r}")
         if len(self.image_mean) != self.channel or len(self.image_std) != self.channel:
@@ -149,6 +145,75 @@ class CLIPConfig:
         ids = {self.pad_token_id, self.sot_token_id, self.eot_token_id}
         if len(ids) != 3 or any(not 0 <= i < self.vocab_size for i in ids):
             raise ConfigError("pad, sot and eot token ids must be distinct and below vocab_size")
+
+    def _check_vit(self) -> None:
+        """What clipforge's own image tower needs of its fields."""
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.img_dim % self.img_n_heads:
+            raise ConfigError(f"img_dim ({self.img_dim}) must be divisible by img_n_heads ({self.img_n_heads})")
+        if self.img_pool not in ("cls", "mean"):
+            raise ConfigError(f"img_pool must be 'cls' or 'mean', got {self.img_pool!r}")
+        if self.img_stem not in ("patch", "conv"):
+            raise ConfigError(f"img_stem must be 'patch' or 'conv', got {self.img_stem!r}")
+        if self.img_stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"img_stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
+        if self.img_color_layer is not None:
+            if not 0 <= self.img_color_layer < self.img_n_layers:
+                raise ConfigError(
+                    f"img_color_layer must name a block, 0 to img_n_layers - 1 ({self.img_n_layers - 1}), "
+                    f"or be null, got {self.img_color_layer}"
+                )
+            if self.channel != 3:
+                raise ConfigError(f"img_color_layer needs RGB images (channel = 3), got channel = {self.channel}")
+
+    def _check_text_transformer(self) -> None:
+        """What clipforge's own text tower needs of its fields."""
+        if self.text_dim % self.text_n_heads:
+            raise ConfigError(f"text_dim ({self.text_dim}) must be divisible by text_n_heads ({self.text_n_heads})")
+        if self.text_n_heads % self.text_n_kv_heads:
+            raise ConfigError(
+                f"text_n_heads ({self.text_n_heads}) must be divisible by text_n_kv_heads ({self.text_n_kv_heads})"
+            )
+        if self.text_pos not in ("rope", "learned"):
+            raise ConfigError(f"text_pos must be 'rope' or 'learned', got {self.text_pos!r}")
+        if self.text_pos == "rope" and (self.text_dim // self.text_n_heads) % 2:
+            raise ConfigError("rotary embeddings need an even head dimension (text_dim / text_n_heads)")
+
+    def _check_towers(self) -> None:
+        for side in ("image", "text"):
+            kind, tower_cfg = getattr(self, f"{side}_tower"), getattr(self, f"{side}_tower_config")
+            if kind not in TOWER_KINDS:
+                raise ConfigError(f"{side}_tower must be one of {', '.join(map(repr, TOWER_KINDS))}, got {kind!r}")
+            if kind == "clipforge" and tower_cfg is not None:
+                raise ConfigError(f"{side}_tower_config is only for {side}_tower 'hf'; set it to null")
+            if kind == "hf" and not (isinstance(tower_cfg, dict) and isinstance(tower_cfg.get("model_type"), str)):
+                raise ConfigError(f"{side}_tower 'hf' needs {side}_tower_config: a transformers config as a mapping "
+                                  "with its model_type")
+        if self.text_tower == "clipforge" and self.text_pool != "eot":
+            raise ConfigError(f"text_pool {self.text_pool!r} is for a transformers text tower; clipforge's pools at "
+                              "the end-of-text token ('eot')")
+        if self.text_tower == "hf":
+            if self.text_pool not in HF_TEXT_POOLS:
+                raise ConfigError(f"text_pool must be one of {', '.join(map(repr, HF_TEXT_POOLS))} for a "
+                                  f"transformers text tower, got {self.text_pool!r}")
+            tower = self.text_tower_config or {}
+            if tower.get("vocab_size", self.vocab_size) != self.vocab_size:
+                raise ConfigError(f"text_tower_config vocab_size {tower['vocab_size']} differs from vocab_size "
+                                  f"{self.vocab_size}; vocab_size is the one that counts")
+            if tower.get("max_position_embeddings", self.max_seq_len) < self.max_seq_len:
+                raise ConfigError(f"max_seq_len {self.max_seq_len} exceeds the text tower's max_position_embeddings "
+                                  f"{tower['max_position_embeddings']}")
+        if self.image_tower == "hf":
+            for name in ("img_color_layer", "num_classes"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} is for clipforge's image tower; a transformers one takes none")
+        for side, rate in (("img", self.img_dropout_rate), ("text", self.text_dropout_rate)):
+            tower = "image" if side == "img" else "text"
+            if getattr(self, f"{tower}_tower") == "hf" and rate:
+                raise ConfigError(f"{side}_dropout_rate is for clipforge's {tower} tower; a transformers tower "
+                                  f"takes its dropout from {tower}_tower_config (e.g. hidden_dropout_prob, "
+                                  "drop_path_rate)")
 
     def _check_types(self) -> None:
         """Reject wrong JSON types (a float width, a string depth) before they reach torch."""
@@ -177,6 +242,9 @@ class CLIPConfig:
         data = dataclasses.asdict(self)
         data["image_mean"] = list(self.image_mean)
         data["image_std"] = list(self.image_std)
+        for key, default in _OMITTED_AT_DEFAULT.items():
+            if data[key] == default:
+                del data[key]
         return data
 
     def to_json(self) -> str:
@@ -211,6 +279,22 @@ def _preset(width: int, heads: int, layers: int, **kw: Any) -> dict[str, Any]:
     return base
 
 
+# ConvNeXt-tiny (Liu et al., 2022) as transformers' ConvNextConfig; drop_path_rate 0.1 is the paper's setting
+# for the tiny model. With ImageNet's mean and std, which ConvNeXt weights expect.
+CONVNEXT_TINY: dict[str, Any] = {
+    "model_type": "convnext", "num_channels": 3, "patch_size": 4, "num_stages": 4,
+    "hidden_sizes": [96, 192, 384, 768], "depths": [3, 3, 9, 3], "hidden_act": "gelu", "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12, "layer_scale_init_value": 1e-6, "drop_path_rate": 0.1, "image_size": 224,
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# A 4-layer, 256-wide BERT encoder (BERT-mini's shape) with BERT's dropout 0.1.
+BERT_4L_256: dict[str, Any] = {
+    "model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "intermediate_size": 1024, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "initializer_range": 0.02,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # GQA text towers with half as many kv heads as query heads, 224 px patch 16.
     "tiny": _preset(256, 4, 6, text_n_kv_heads=2, align_dim=256),
@@ -237,6 +321,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # colour joining before the last image block.
     "shapes-64": _preset(128, 4, 4, img_size=64, patch_size=8, max_seq_len=32, align_dim=128, text_n_kv_heads=2,
                          img_n_layers=3, text_n_layers=2, img_pool="mean", vocab_size=512, img_color_layer=2),
+    # The liteCLIP design: pretrained-style towers from transformers (randomly initialised here; `clipforge train
+    # --image-tower hf:DIR --text-tower hf:DIR` loads weights), 256-d embeddings, 128 tokens. Its training
+    # recipe (batch 64, lr 2e-4, Adam, 5 epochs) is training/config.py's RECIPES["liteclip"].
+    "liteclip": {
+        "image_tower": "hf", "image_tower_config": CONVNEXT_TINY, "img_dim": 768, "img_size": 224,
+        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "text_tower": "hf", "text_tower_config": BERT_4L_256, "text_dim": 256, "text_pool": "cls",
+        "max_seq_len": 128, "align_dim": 256,
+    },
 }
 
 
@@ -244,4 +337,4 @@ def preset_config(name: str, **overrides: Any) -> CLIPConfig:
     """The config of a named preset, with optional field overrides."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return CLIPConfig.from_dict({**PRESETS[name], **overrides})
+    return CLIPConfig.from_dict({**copy.deepcopy(PRESETS[name]), **overrides})
