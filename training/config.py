@@ -12,13 +12,29 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model import PRESETS, CLIPConfig, preset_config
 from model.errors import ConfigError
 from model.fileio import write_atomic
 
 CONFIG_FILE = "train_config.json"
+# Training settings a preset brings along (below the TOML file and flags): the liteCLIP recipe is
+# batch 64, lr 2e-4 and Adam (AdamW without weight decay and with Adam's betas and eps is exactly
+# Adam), 5 epochs.
+RECIPES: dict[str, dict[str, Any]] = {
+    "liteclip": {"batch_size": 64, "lr": 2e-4, "epochs": 5, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999,
+                 "adam_eps": 1e-8},
+}
+# The model fields --set may change on a checkpoint given as init_checkpoint (the weights still fit).
+INIT_CHECKPOINT_OVERRIDES = frozenset({"img_dropout_rate", "text_dropout_rate", "use_sdpa"})
 
 
 class TrainConfig(BaseModel):
@@ -29,7 +45,28 @@ class TrainConfig(BaseModel):
     # what to train
     preset: str = Field("tiny", description="model preset (see `clipforge model presets`)")
     model: dict[str, Any] = Field(default_factory=dict, description="CLIPConfig field overrides")
-    init_checkpoint: str | None = Field(None, description="start from this checkpoint's weights and tokenizer")
+    init_checkpoint: str | None = Field(
+        None, description="fine-tune: start from this checkpoint (e.g. one `clipforge model import` wrote); its "
+        "architecture, tokenizer, context length and image preprocessing are kept and the preset is not used "
+        "(only the dropout rates and use_sdpa may be changed with --set)",
+    )
+    image_tower: str | None = Field(
+        None, description="hf:DIR: the image tower is this transformers vision backbone (ConvNeXt, ViT, ...; its "
+        "pooled output, its preprocessor's mean/std), with its weights; the rest of the model follows the preset",
+    )
+    text_tower: str | None = Field(
+        None, description="hf:DIR: the text tower is this transformers BERT-style encoder, with its weights and its "
+        "own tokenizer (CLS pooling, or mean where the folder is a sentence-transformers model; --set text_pool= "
+        "overrides); context = min(the preset's max_seq_len, its max_position_embeddings)",
+    )
+    lock_image: bool = Field(False, description="freeze the image tower (kept in eval mode); its projection into "
+                             "the shared space still trains")
+    lock_text: bool = Field(False, description="freeze the text tower (kept in eval mode); its projection into the "
+                            "shared space still trains")
+    unlock_last: int = Field(
+        0, ge=0, description="with --lock-image/--lock-text: the last N blocks of each locked tower train, and with "
+        "them what comes after the blocks (ln_post / the final norm; the projections always train)",
+    )
     # tokenizer normalisation: applies when a run trains its tokenizer (not on --resume or init_checkpoint)
     tokenizer_lowercase: bool = Field(True, description="tokenizer lowercases text (off: 'Red' and 'red' differ)")
     tokenizer_nfc: bool = Field(
@@ -70,8 +107,13 @@ class TrainConfig(BaseModel):
     adam_eps: float = Field(1e-6, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm (0 disables)")
     text_lr_scale: float = Field(
-        1.0, ge=0.0, le=1.0,
-        description="the text tower's lr as a fraction of lr (0 locks it): < 1 helps captions that differ in one word",
+        1.0, gt=0.0, le=1.0,
+        description="the text tower's (and its projection's) lr as a fraction of lr: < 1 helps captions that differ "
+        "in one word, and keeps a pretrained tower's knowledge (--lock-text freezes it)",
+    )
+    image_lr_scale: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="the image tower's (and its projection's) lr as a fraction of lr (--lock-image freezes it)",
     )
     group_duplicate_captions: bool = Field(
         True, description="identical captions in a batch are positives of each other's images, not negatives"
@@ -102,6 +144,25 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown preset {v!r}; choose one of: {', '.join(PRESETS)}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_recipe(cls, values: Any) -> Any:
+        """A preset's training recipe fills the settings the TOML file and flags leave unset."""
+        if isinstance(values, dict) and values.get("preset") in RECIPES:
+            return {**RECIPES[values["preset"]], **values}
+        return values
+
+    @field_validator("image_tower", "text_tower")
+    @classmethod
+    def _tower_folder(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith("hf:"):
+            raise ValueError(f"must be hf:DIR (a transformers model folder), got {v!r}")
+        if not Path(v[3:]).is_dir():
+            raise ValueError(f"{v[3:]} is not a directory")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -110,11 +171,24 @@ class TrainConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by accum_steps ({self.accum_steps})")
         if self.lr < self.min_lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.unlock_last and not (self.lock_image or self.lock_text):
+            raise ValueError("unlock_last counts the blocks of a locked tower: add lock_image and/or lock_text")
+        if self.init_checkpoint is not None:
+            if self.image_tower or self.text_tower:
+                raise ValueError("init_checkpoint brings both towers; image_tower/text_tower build new ones: "
+                                 "give one or the other")
+            if not Path(self.init_checkpoint).is_dir():
+                raise ValueError(f"init_checkpoint {self.init_checkpoint} is not a checkpoint directory")
+            changed = sorted(set(self.model) - INIT_CHECKPOINT_OVERRIDES)
+            if changed:
+                raise ValueError(f"init_checkpoint keeps the checkpoint's architecture, so --set {', '.join(changed)} "
+                                 f"cannot apply; only {', '.join(sorted(INIT_CHECKPOINT_OVERRIDES))} can change")
+            return self
         self.model_cfg()  # raises on bad model overrides
         return self
 

@@ -175,8 +175,7 @@ def _embed_eval_images(
     autocast_dtype: torch.dtype | None, max_pixels: int,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """embed_records with the model's own evaluation transform."""
-    cfg = model.cfg
-    transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std, train=False)
+    transform = ImageTransform.for_config(model.cfg, train=False)
     return embed_records(model, records, transform, device, batch_size, num_workers, autocast_dtype, max_pixels)
 
 

@@ -35,6 +35,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .evaluate import evaluate, zeroshot_only
+from .freeze import lock_towers
 from .logs import METRICS_FILE, Progress, RunLogger, truncate_metrics
 from .loop_state import BadImageBudget, BestMetric, EpochEnd, RunClock, RunPosition, Schedule, ThroughputWindow
 from .optim import build_optimizer, lr_at, set_lr
@@ -53,7 +54,9 @@ from .step import forward_backward
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 # Settings a resumed run must share with the run it continues (the data order depends on them).
-RESUME_INVARIANTS = ("data", "preset", "model", "batch_size", "seed", "max_samples", "val_fraction")
+# The locks decide which parameters the saved optimiser state holds.
+RESUME_INVARIANTS = ("data", "preset", "model", "batch_size", "seed", "max_samples", "val_fraction",
+                     "init_checkpoint", "image_tower", "text_tower", "lock_image", "lock_text", "unlock_last")
 
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, *, resume: bool) -> None:
@@ -98,15 +101,15 @@ class Trainer:
         resume_dir = find_resumable(self.out / "last") if resume else None
         if resume and resume_dir is None:
             raise ClipforgeError(f"--resume: {self.out} holds no resumable checkpoint (last/ is missing)")
-        init_dir = Path(cfg.init_checkpoint) if cfg.init_checkpoint else None
-        self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.data, run_dir=self.out, info=self.info,
-                                                               checkpoint=resume_dir or init_dir)
+        built = build_model_and_tokenizer(cfg, self.data, run_dir=self.out, info=self.info, resume_from=resume_dir)
+        self.model, self.tokenizer, self.origin = built.model, built.tokenizer, built.origin
+        lock_towers(self.model, lock_image=cfg.lock_image, lock_text=cfg.lock_text, unlock_last=cfg.unlock_last)
         if self.info.rank > 0:  # same initial weights everywhere, but each rank its own dropout masks
             seed_everything(cfg.seed + 1_000_003 * self.info.rank)
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, device=self.device,
-                                         text_lr_scale=cfg.text_lr_scale)
+                                         text_lr_scale=cfg.text_lr_scale, image_lr_scale=cfg.image_lr_scale)
         self.module = wrap_for_training(self.model, info=self.info, device=self.device, compile_model=cfg.compile)
 
         self.position = RunPosition()
@@ -135,7 +138,7 @@ class Trainer:
     def _meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"step": self.position.step, "epoch": self.position.epoch,
                                 "metrics": self.last_metrics, "data": self.cfg.data,
-                                "train_config": self.cfg.model_dump()}
+                                "train_config": self.cfg.model_dump(), **self.origin}
         if self.data.class_names:
             meta["class_names"] = list(self.data.class_names)
             meta["templates"] = list(self.data.templates or [])
@@ -325,8 +328,9 @@ class Trainer:
         record = {**stats, "epoch": self.position.epoch, "steps_per_s": self.window.steps / seconds,
                   "samples_per_s": self.window.samples / seconds, "elapsed_s": self.clock.elapsed()}
         device_peak_flops = peak_flops(self.device)
-        if device_peak_flops:
-            record["mfu"] = self.model.estimate_mfu(record["samples_per_s"], device_peak_flops)
+        mfu = self.model.estimate_mfu(record["samples_per_s"], device_peak_flops) if device_peak_flops else math.nan
+        if math.isfinite(mfu):  # no estimate for transformers towers
+            record["mfu"] = mfu
         self.logger.log("train", self.position.step, record)
         self.window = ThroughputWindow()
 

@@ -14,10 +14,12 @@ from model import CLIP
 
 def build_optimizer(
     model: CLIP, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
-    device: torch.device | None = None, text_lr_scale: float = 1.0,
+    device: torch.device | None = None, text_lr_scale: float = 1.0, image_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW with no decay on norms, biases, CLS, positions and temperature; fused kernels on CUDA."""
-    groups = model.param_groups(weight_decay, text_lr_scale)
+    """AdamW with no decay on norms, biases, CLS, positions and temperature; fused kernels on CUDA.
+
+    Frozen (locked) parameters are left out; each tower's groups carry its lr scale."""
+    groups = model.param_groups(weight_decay, text_lr_scale, image_lr_scale)
     fused = device is not None and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
@@ -42,6 +44,6 @@ def lr_at(
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The scheduled lr, times each group's lr_scale (the text tower's may differ)."""
+    """The scheduled lr, times each group's lr_scale (a tower's may differ)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

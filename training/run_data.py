@@ -85,8 +85,8 @@ def resolve_data(cfg: TrainConfig) -> RunData:
 
 
 def train_transform(model_cfg: CLIPConfig, augment: bool, hflip: bool = False) -> ImageTransform:
-    return ImageTransform(model_cfg.img_size, model_cfg.image_mean, model_cfg.image_std, train=augment,
-                          hflip=augment and hflip)
+    """The model's own preprocessing (an imported model's resize, mean and std), with augmentation if asked."""
+    return ImageTransform.for_config(model_cfg, train=augment, hflip=augment and hflip)
 
 
 def make_train_loader(

@@ -31,7 +31,7 @@ def decode_sample(
     """Decode and transform one image and pick one caption; None when the image cannot be used."""
     caption = captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0]
     try:
-        img = open_image(image, max_pixels=max_pixels, draft_size=transform.size)
+        img = open_image(image, max_pixels=max_pixels, draft_size=transform.draft_size)
         pixels = transform(img, rng)
     except (ImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # ImageTooLargeError is an ImageError; FileNotFoundError is an OSError.
