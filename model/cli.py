@@ -41,8 +41,8 @@ def _checkpoint_config(directory: Path) -> CLIPConfig:
 
 def _image_tower_text(cfg: CLIPConfig) -> str:
     if cfg.image_tower == "hf":
-        return f"vision transformers {cfg.image_tower_config['model_type']} ({cfg.img_dim} features)"
-    return f"patch {cfg.patch_size}, vision {cfg.img_dim}x{cfg.img_n_layers} ({cfg.img_n_heads} heads)"
+        return f"{cfg.img_size}px, vision transformers {cfg.image_tower_config['model_type']} ({cfg.img_dim} features)"
+    return f"{cfg.img_size}px/{cfg.patch_size}, vision {cfg.img_dim}x{cfg.img_n_layers} ({cfg.img_n_heads} heads)"
 
 
 def _text_tower_text(cfg: CLIPConfig) -> str:
@@ -61,7 +61,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
         return 0
-    print(f"{target}: image {cfg.img_size}px, {_image_tower_text(cfg)}, {_text_tower_text(cfg)}, "
+    print(f"{target}: image {_image_tower_text(cfg)}, {_text_tower_text(cfg)}, "
           f"{cfg.max_seq_len} tokens, vocab {cfg.vocab_size}, embed {cfg.align_dim}")
     print(f"  parameters  image {info['params_image'] / 1e6:8.2f} M   text {info['params_text'] / 1e6:8.2f} M   "
           f"total {info['params_total'] / 1e6:8.2f} M")
