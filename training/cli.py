@@ -136,7 +136,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parsers
 def register(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train a CLIP model", description="Train a CLIP model from scratch.")
+    train = sub.add_parser("train", help="train a CLIP model",
+                           description="Train a CLIP model: from scratch, fine-tuned from a checkpoint "
+                                       "(--init-checkpoint), or on pretrained transformers towers "
+                                       "(--image-tower/--text-tower hf:DIR).")
     train.add_argument("--config", help="TOML file of training settings (flags override it)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--plot", metavar="RUN", help="only (re)draw the PNG plots of a run folder, then exit")
