@@ -214,7 +214,7 @@ def test_streamed_shards_with_samples_per_epoch_run_whole_epochs(caption_data: P
 
 def test_init_checkpoint_reuses_weights_and_tokenizer(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
     cfg = build_config(base_config(caption_data, tmp_path / "ft", init_checkpoint=str(tiny_checkpoint), max_steps=1,
-                                   val_fraction=0.0, lr=1e-12, warmup_steps=0, weight_decay=0.0))
+                                   model={}, val_fraction=0.0, lr=1e-12, warmup_steps=0, weight_decay=0.0))
     train(cfg)
     assert (tmp_path / "ft" / "last" / "tokenizer.json").read_text() == (tiny_checkpoint / "tokenizer.json").read_text()
     assert_same_weights(tiny_checkpoint, tmp_path / "ft" / "last", atol=1e-6)  # a 1e-12 step barely moves them
