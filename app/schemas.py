@@ -140,6 +140,11 @@ class InfoResponse(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     step: int | None = None
     created: str | None = None
+    origin: dict[str, Any] = Field(
+        default_factory=dict,
+        description="where the model came from: 'source' for an import (format, name_or_path, arch, license as the "
+        "source states it), 'fine_tuned_from' (checkpoint, content_hash), 'pretrained_towers' (image/text "
+        "hf:DIR); empty for a model clipforge trained from scratch")
     logit_scale: float
     default_labels: list[str]
     index: IndexInfo | None = Field(None, description="null when the service runs without an index")

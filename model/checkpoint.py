@@ -85,6 +85,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+# meta.json keys that say where a model came from (an import's source, the checkpoint it was fine-tuned
+# from, its pretrained towers); training carries them on, GET /info shows them.
+ORIGIN_KEYS = ("source", "fine_tuned_from", "pretrained_towers")
+
+
+def model_origin(meta: dict[str, Any]) -> dict[str, Any]:
+    """The origin keys a checkpoint's meta holds (empty for a model clipforge trained from scratch)."""
+    return {key: meta[key] for key in ORIGIN_KEYS if meta.get(key)}
+
+
 def update_meta(directory: str | Path, **changes: Any) -> dict[str, Any]:
     """Merge keys into meta.json atomically (e.g. evaluation results). The hash is unaffected."""
     meta = read_meta(directory)

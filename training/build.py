@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from model import CLIP, CLIPConfig, CLIPTokenizer, ImageTransform, load_checkpoint
+from model.checkpoint import model_origin
 from model.errors import ConfigError
 
 from .config import TrainConfig
@@ -86,10 +87,6 @@ class RunModel:
     origin: dict[str, Any] = field(default_factory=dict)
 
 
-# meta.json keys that say where a model came from; a fine-tuned or resumed model carries them on.
-ORIGIN_KEYS = ("source", "fine_tuned_from", "pretrained_towers")
-
-
 @dataclass
 class PretrainedTowers:
     """The transformers folders a new run's towers come from (model/hf_towers.py), read once."""
@@ -142,7 +139,7 @@ def _unless_set(fields: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
 def _from_checkpoint(cfg: TrainConfig, checkpoint: Path, *, fine_tune: bool) -> RunModel:
     """A resumed run's model as saved; a fine-tuned one with the allowed --set changes (dropout, use_sdpa)."""
     model, tokenizer, meta = load_checkpoint(checkpoint, device="cpu")
-    origin = {k: meta[k] for k in ORIGIN_KEYS if k in meta}
+    origin = model_origin(meta)
     if fine_tune:
         origin["fine_tuned_from"] = {"checkpoint": str(checkpoint), "content_hash": meta.get("content_hash")}
         if cfg.model:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
+from model.checkpoint import model_origin
+
 from ..dependencies import ClipDep, ReadyStateDep, StateDep, require_read_key
 from ..errors import ApiError, error_responses
 from ..schemas import Health, IndexInfo, InfoResponse, Readiness
@@ -31,6 +33,7 @@ async def info(state: ReadyStateDep, clip: ClipDep) -> InfoResponse:
         preset=state.preset, model=clip.model_id, dim=clip.dim, config=clip.model.cfg.to_dict(),
         metrics=dict(meta.get("metrics") or {}), params=dict(meta.get("params") or {}),
         step=step if isinstance(step, int) else None, created=str(meta["created"]) if meta.get("created") else None,
+        origin=model_origin(meta),
         logit_scale=clip.logit_scale, default_labels=state.default_labels, index=index_info,
         batching={"enabled": state.settings.batching, "max_batch_size": state.settings.effective_batch_size,
                   "max_wait_ms": state.settings.max_wait_ms, "text_cache_size": state.settings.text_cache_size},
