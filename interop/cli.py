@@ -63,7 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     scheme, path = split_scheme(args.to, EXPORT_SCHEMES, "--to")
     try:
         if scheme == "hf":
-            _module("interop.hf", scheme).export_hf(args.checkpoint, path)
+            _module("interop.hf_export", scheme).export_hf(args.checkpoint, path)
         else:
             _module("interop.onnx_export", scheme).export_onnx(args.checkpoint, path)
     except (ClipforgeError, FileNotFoundError, PermissionError):

@@ -30,7 +30,8 @@ transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
 from clipforge_cli import main
-from interop.hf import export_hf, import_hf
+from interop.hf import import_hf
+from interop.hf_export import export_hf
 
 TEXTS = [
     "a photo of a dog.",
