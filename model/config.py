@@ -16,14 +16,18 @@ from .errors import ConfigError
 
 MLP_ACTIVATIONS = ("gelu", "quick_gelu")
 IMAGE_RESIZES = ("crop_box", "shortest_edge")
+# Where "shortest_edge"'s centre crop starts on an axis with margin m = dim - img_size: "floor", m // 2
+# (transformers' CLIPImageProcessor); "round", int(round(m / 2)) with Python's half-to-even rounding
+# (torchvision's CenterCrop, so open_clip's eval transform). They differ by one pixel where m is odd.
+IMAGE_CROP_OFFSETS = ("floor", "round")
 # "clipforge": the ViT / causal text transformer of this package; "hf": a transformers backbone
 # (model/hf_towers.py) rebuilt from the *_tower_config dict stored in config.json.
 TOWER_KINDS = ("clipforge", "hf")
 HF_TEXT_POOLS = ("cls", "mean")
-# Fields a config of two clipforge towers leaves out of config.json, so such checkpoints stay
-# byte-identical to (and readable by) versions from before pretrained towers.
+# Fields config.json leaves out at these defaults, so such checkpoints stay byte-identical to (and
+# readable by) versions from before pretrained towers and the rounded crop offset.
 _OMITTED_AT_DEFAULT = {"image_tower": "clipforge", "image_tower_config": None, "text_tower": "clipforge",
-                       "text_tower_config": None, "text_pool": "eot"}
+                       "text_tower_config": None, "text_pool": "eot", "image_crop_offset": "floor"}
 # Field names older checkpoints wrote, and their current names.
 _RENAMED_FIELDS = {"is_flash": "use_sdpa"}
 
@@ -62,6 +66,7 @@ class CLIPConfig:
     # then an img_size centre crop), what imported models were trained with.
     image_resize: str = "crop_box"
     image_resize_size: int | None = None  # "shortest_edge" only; None means img_size
+    image_crop_offset: str = "floor"  # "shortest_edge" only: IMAGE_CROP_OFFSETS ("round": open_clip's)
     # Which towers: "clipforge" (below) or "hf", a transformers backbone built from the dict of its
     # transformers config (model_type and its fields; random init, weights come from the checkpoint).
     # An "hf" image tower pools its backbone's output (pooler_output, else the CLS token, else the spatial
@@ -134,6 +139,12 @@ class CLIPConfig:
                     f"image_resize_size ({self.image_resize_size}) must be at least img_size ({self.img_size}), "
                     "the centre crop's side"
                 )
+        if self.image_crop_offset not in IMAGE_CROP_OFFSETS:
+            raise ConfigError(f"image_crop_offset must be one of {', '.join(map(repr, IMAGE_CROP_OFFSETS))}, "
+                              f"got {self.image_crop_offset!r}")
+        if self.image_crop_offset != "floor" and self.image_resize != "shortest_edge":
+            raise ConfigError("image_crop_offset is only used with image_resize 'shortest_edge' (the centred "
+                              "square of 'crop_box' has no offset to round); set it to 'floor'")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
             raise ConfigError(f"num_classes must be a positive integer or null, got {self.num_classes!r}")
         if len(self.image_mean) != self.channel or len(self.image_std) != self.channel:

@@ -35,6 +35,8 @@ BIG_PRESETS = [name for name in PRESETS if name not in SMALL_IMAGE_PRESETS
         ({"image_resize_size": 256}, "image_resize_size is only used with image_resize 'shortest_edge'"),
         ({"image_resize": "shortest_edge", "image_resize_size": 200}, "image_resize_size (200) must be at least img_size (224)"),
         ({"image_resize": "shortest_edge", "image_resize_size": 256.0}, "image_resize_size must be of type int | None"),
+        ({"image_resize": "shortest_edge", "image_crop_offset": "ceil"}, "image_crop_offset must be one of 'floor', 'round'"),
+        ({"image_crop_offset": "round"}, "image_crop_offset is only used with image_resize 'shortest_edge'"),
         ({"num_classes": 0}, "num_classes must be a positive integer or null"),
         ({"num_classes": True}, "num_classes must be of type int | None"),
         ({"image_mean": [0.5, 0.5]}, "image_mean and image_std need 3 values"),
@@ -65,6 +67,16 @@ def test_old_checkpoints_is_flash_field_reads_as_use_sdpa() -> None:
     cfg = CLIPConfig.from_dict({**old, "is_flash": False})
     assert cfg.use_sdpa is False
     assert (cfg.mlp_act, cfg.image_resize, cfg.image_resize_size) == ("gelu", "crop_box", None)
+
+
+def test_crop_offset_is_written_only_when_it_is_not_the_default() -> None:
+    """config.json of earlier checkpoints (no image_crop_offset) loads as "floor" and is written as it was."""
+    floor = CLIPConfig(image_resize="shortest_edge")
+    assert "image_crop_offset" not in floor.to_dict()
+    assert CLIPConfig.from_dict(json.loads(floor.to_json())).image_crop_offset == "floor"
+    rounded = floor.replace(image_crop_offset="round")
+    assert rounded.to_dict()["image_crop_offset"] == "round"
+    assert CLIPConfig.from_dict(json.loads(rounded.to_json())) == rounded
 
 
 def test_odd_head_dim_is_fine_with_learned_positions() -> None:

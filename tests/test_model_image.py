@@ -14,7 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from model import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, ImageTransform, load_and_preprocess, open_image
+from model import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageTooLargeError,
+    ImageTransform,
+    load_and_preprocess,
+    open_image,
+)
 from model.config import CLIP_MEAN, CLIP_STD
 from model.image import to_rgb
 
@@ -287,3 +294,35 @@ def test_transform_for_config_follows_the_config() -> None:
     a = ImageTransform(64, CLIP_MEAN, CLIP_STD, resize="shortest_edge")(img)
     b = ImageTransform(64, CLIP_MEAN, CLIP_STD)(img)
     assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-3)
+
+
+def test_crop_offset_floors_or_rounds_half_to_even() -> None:
+    """torchvision's CenterCrop (open_clip) rounds half the margin with Python's round; transformers floors it."""
+    from model.image import crop_offset
+
+    assert [crop_offset(m) for m in (0, 1, 15, 29, 31)] == [0, 0, 7, 14, 15]
+    assert [crop_offset(m, "round") for m in (0, 1, 15, 29, 31)] == [0, 0, 8, 14, 16]  # 0.5->0, 7.5->8, 14.5->14
+    with pytest.raises(ValueError, match="crop offset rule must be 'floor' or 'round'"):
+        crop_offset(3, "ceil")
+    with pytest.raises(ValueError, match="crop_offset must be 'floor' or 'round'"):
+        ImageTransform(8, CLIP_MEAN, CLIP_STD, resize="shortest_edge", crop_offset="ceil")
+
+
+def test_transform_for_config_crops_where_the_config_says() -> None:
+    """A 47x32 image at 32 px: the margin of 15 puts the window at x = 7 (floor) or 8 (round), the shift of one pixel."""
+    from model import CLIPConfig
+    from model.image import center_crop
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 47, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(center_crop(img, 32)), np.asarray(img)[:, 7:39])
+    assert np.array_equal(np.asarray(center_crop(img, 32, offset="round")), np.asarray(img)[:, 8:40])
+    floor_cfg = CLIPConfig(img_size=32, patch_size=8, image_resize="shortest_edge")
+    round_cfg = floor_cfg.replace(image_crop_offset="round")
+    floor, rounded = ImageTransform.for_config(floor_cfg), ImageTransform.for_config(round_cfg)
+    assert (floor.crop_offset, rounded.crop_offset) == ("floor", "round")
+    plain = ImageTransform(32, CLIP_MEAN, CLIP_STD, resize="shortest_edge")
+    a, b = floor(img), rounded(img)
+    assert torch.equal(a, plain(img)) and not torch.equal(a, b)
+    assert torch.equal(a[:, :, 1:], b[:, :, :-1])  # the same pixels, one column along
+    square = Image.fromarray(np.asarray(img)[:, :32])
+    assert torch.equal(floor(square), rounded(square))  # no margin, nothing to round
