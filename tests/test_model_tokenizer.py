@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,42 @@ def test_clip_bpe_survives_save_and_load(clip_files) -> None:
     assert (again.pad_id, again.sot_id, again.eot_id, again.max_length) == (0, 49406, 49407, 77)
     assert torch.equal(again.encode(TRICKY_TEXTS), ours.encode(TRICKY_TEXTS))
     assert again.decode(again.encode("Hello, World! Café")[0]) == "hello , world ! café"
+
+
+# --------------------------------------------------------------------------- open_clip's text cleaning
+def test_open_clip_cleaning_unescapes_html_and_fixes_mojibake(clip_files) -> None:
+    """What open_clip's tokenizer does before BPE; without the option the ids are transformers' (tested above)."""
+    vocab, merges, _ = clip_files
+    plain = CLIPTokenizer.from_clip_bpe(vocab, merges)
+    cleaning = plain.with_cleaning("open_clip")
+    assert (plain.cleaning, cleaning.cleaning) == ("none", "open_clip")
+    for dirty, clean in [("Tom &amp; Jerry &lt;3", "tom & jerry <3"), ("donâ€™t ﬁne", "don't fine"),
+                         ("&amp;amp; twice", "& twice"), ("  A\u3000DOG\t on the BEACH  ", "a dog on the beach")]:
+        assert _ids_to_eot(cleaning, dirty) == _ids_to_eot(plain, clean), dirty
+        if dirty != dirty.strip():
+            continue  # whitespace the plain tokenizer collapses as well
+        assert _ids_to_eot(plain, dirty) != _ids_to_eot(plain, clean), dirty
+    for text in TRICKY_TEXTS[:3] + TRICKY_TEXTS[5:7]:  # text that needs no fixing reads the same either way
+        assert _ids_to_eot(cleaning, text) == _ids_to_eot(plain, text), text
+
+
+def test_open_clip_cleaning_is_kept_in_the_tokenizer_file(clip_files, tmp_path: Path) -> None:
+    vocab, merges, _ = clip_files
+    plain = CLIPTokenizer.from_clip_bpe(vocab, merges)
+    assert "cleaning" not in json.loads(plain.to_str())["clipforge"]  # files of earlier versions, unchanged
+    assert CLIPTokenizer.from_str(plain.to_str()).cleaning == "none"
+    cleaning = plain.with_cleaning("open_clip")
+    cleaning.save(tmp_path / "tokenizer.json")
+    again = CLIPTokenizer.load(tmp_path / "tokenizer.json")
+    assert again.cleaning == "open_clip"
+    assert again.encode("Tom &amp; Jerry").tolist() == cleaning.encode("Tom &amp; Jerry").tolist()
+    with pytest.raises(ValueError, match="cleaning must be one of 'none', 'open_clip'"):
+        plain.with_cleaning("nfkc")
+
+
+def test_open_clip_cleaning_of_long_text_stays_bounded(clip_files) -> None:
+    vocab, merges, _ = clip_files
+    cleaning = CLIPTokenizer.from_clip_bpe(vocab, merges).with_cleaning("open_clip")
+    ids = cleaning.encode(" " * 100_000 + "Tom &amp; Jerry " * 20_000)
+    assert ids.shape == (1, 77) and ids[0, -1].item() == cleaning.eot_id
+    assert ids[0, :4].tolist() == _ids_to_eot(cleaning, "tom & jerry")[:4]
