@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     scheme, path = split_scheme(args.to, EXPORT_SCHEMES, "--to")
+    notes: list[str] = []
     try:
         if scheme == "hf":
-            _module("interop.hf_export", scheme).export_hf(args.checkpoint, path)
+            hf_export = _module("interop.hf_export", scheme)
+            hf_export.export_hf(args.checkpoint, path)
+            notes = hf_export.read_notes(path)
         else:
             _module("interop.onnx_export", scheme).export_onnx(args.checkpoint, path)
     except (ClipforgeError, FileNotFoundError, PermissionError):
@@ -71,6 +75,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise _one_line(f"export to {args.to}", exc) from exc
     print(f"exported {args.checkpoint} -> {args.to}")
+    for note in notes:
+        print(f"clipforge: note: transformers will not reproduce {note}", file=sys.stderr)
     return 0
 
 

@@ -24,8 +24,15 @@ from model.errors import CheckpointError, ConfigError
 from model.tokenizer import CLIPTokenizer
 
 
-def read_hf(src_dir: str | Path) -> tuple[CLIP, CLIPTokenizer, dict[str, Any]]:
-    """A transformers CLIPModel folder as an in-memory clipforge model, tokenizer and source record."""
+def read_hf(
+    src_dir: str | Path, *, config_changes: dict[str, Any] | None = None, cleaning: str | None = None,
+) -> tuple[CLIP, CLIPTokenizer, dict[str, Any]]:
+    """A transformers CLIPModel folder as an in-memory clipforge model, tokenizer and source record.
+
+    config_changes and cleaning (the tokenizer's, model.tokenizer.TEXT_CLEANINGS) are for callers
+    that converted another format into the folder and know what it cannot say, as open_clip's
+    rounded crop offset and text cleaning.
+    """
     src = Path(src_dir)
     raw = check_layout(src)
     transformers = load_transformers()
@@ -39,6 +46,10 @@ def read_hf(src_dir: str | Path) -> tuple[CLIP, CLIPTokenizer, dict[str, Any]]:
         raise CheckpointError("the transformers weights lack logit_scale")
     cfg = config_from_hf(hf_cfg, tokenizer, read_preprocessing(src, hf_cfg.vision_config.image_size),
                          float(hf_state["logit_scale"]))
+    if config_changes:
+        cfg = cfg.replace(**config_changes)
+    if cleaning is not None:
+        tokenizer = tokenizer.with_cleaning(cleaning)
     state = state_from_hf(hf_state, cfg)
     model = CLIP(cfg)
     expected = model.state_dict()
@@ -54,12 +65,16 @@ def read_hf(src_dir: str | Path) -> tuple[CLIP, CLIPTokenizer, dict[str, Any]]:
     return model.eval(), tokenizer, source
 
 
-def import_hf(src_dir: str | Path, out_ckpt: str | Path, *, source: dict[str, Any] | None = None) -> str:
+def import_hf(
+    src_dir: str | Path, out_ckpt: str | Path, *, source: dict[str, Any] | None = None,
+    config_changes: dict[str, Any] | None = None, cleaning: str | None = None,
+) -> str:
     """Write a transformers CLIPModel folder as a clipforge checkpoint; returns its content hash.
 
     source: keys that replace the recorded provenance (meta["source"]), for callers that
-    converted another format into a transformers folder first.
+    converted another format into a transformers folder first; config_changes and cleaning
+    as read_hf takes them.
     """
-    model, tokenizer, found = read_hf(src_dir)
+    model, tokenizer, found = read_hf(src_dir, config_changes=config_changes, cleaning=cleaning)
     return save_checkpoint(out_ckpt, model, tokenizer, meta={"source": {**found, **(source or {})}})
 

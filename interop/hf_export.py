@@ -1,5 +1,10 @@
 """`model export CKPT --to hf:DIR`: a checkpoint as a folder transformers loads with CLIPModel,
 CLIPTokenizer and CLIPImageProcessor, or one line naming what it cannot express.
+
+What the weights compute always exports exactly. Two preprocessing choices of an imported
+open_clip model do not: its rounded centre-crop offset and its text cleaning. Such a model
+still exports (the folder is what open_clip's own hub conversions give transformers), and the
+export says so: NOTES_FILE's "not_reproduced" lists each difference and the CLI prints them.
 """
 
 from __future__ import annotations
@@ -59,6 +64,28 @@ def _write_tokenizer(tokenizer: CLIPTokenizer, cfg: CLIPConfig, out: Path) -> No
 
 
 _PROBE_TEXTS = ("a photo of a dog.", "Two CATS, sleeping on a sofa!", "café 123 🐱 don't")
+NOTES_FILE = "clipforge_source.json"
+
+
+def not_reproduced(model: CLIP, tokenizer: CLIPTokenizer) -> list[str]:
+    """What transformers' CLIPImageProcessor and CLIPTokenizer will do differently from clipforge, one line each."""
+    notes = []
+    if model.cfg.image_crop_offset != "floor":
+        notes.append(f"image_crop_offset {model.cfg.image_crop_offset!r}: transformers' CLIPImageProcessor floors "
+                     "the centre-crop offset, so on an odd margin whose half rounds up (15 pixels: 7 against 8) "
+                     "its crop sits one pixel before clipforge's (open_clip's)")
+    if tokenizer.cleaning != "none":
+        notes.append(f"tokenizer cleaning {tokenizer.cleaning!r}: transformers' CLIPTokenizer does not unescape "
+                     "HTML (nor, in its tokenizers form, run ftfy), so texts with entities (&amp;) or mojibake "
+                     "get other ids than clipforge's")
+    return notes
+
+
+def read_notes(out_dir: str | Path) -> list[str]:
+    """The "not_reproduced" lines an export folder records (none for folders from before they were kept)."""
+    path = Path(out_dir) / NOTES_FILE
+    notes = json.loads(path.read_text(encoding="utf-8")).get("not_reproduced") if path.is_file() else None
+    return [str(n) for n in notes] if isinstance(notes, list) else []
 
 
 def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
@@ -86,8 +113,9 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
             if theirs(text, truncation=True, max_length=model.cfg.max_seq_len)["input_ids"] != ours[: ours.index(
                     tokenizer.eot_id) + 1]:
                 raise ConfigError(f"cannot export to transformers: its CLIPTokenizer splits {text!r} differently")
-        (tmp / "clipforge_source.json").write_text(json.dumps(
-            {"content_hash": meta.get("content_hash"), "source": meta.get("source")}, indent=2), encoding="utf-8")
+        notes = {"content_hash": meta.get("content_hash"), "source": meta.get("source"),
+                 "not_reproduced": not_reproduced(model, tokenizer)}
+        (tmp / NOTES_FILE).write_text(json.dumps(notes, indent=2), encoding="utf-8")
         publish_directory(tmp, out)
         return out
     except BaseException:

@@ -7,7 +7,8 @@ besides the graphs (preprocessing, tokenizer, temperature, identity).
         tokenizer.json       the checkpoint's tokenizer as a plain `tokenizers` file (start/end tokens,
                              truncation to the context length and right padding included)
         clipforge_onnx.json  preprocessing (open_clip's preprocess_cfg keys), context length, special
-                             token ids, logit scale, the checkpoint's content hash
+                             token ids, the text cleaning to apply before tokenizer.json, logit scale,
+                             the checkpoint's content hash
 
 Both graphs return L2-normalised embeddings. Immich's own exporter wraps open_clip's
 `encode_image(normalize=True)` / `encode_text(normalize=True)`, so Immich expects unit vectors;
@@ -199,7 +200,10 @@ def onnx_config(model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any], che
     """What a runtime needs besides the graphs. `preprocess` uses open_clip's preprocess_cfg keys (as Immich
     reads them) plus the exact clipforge resize (model/image.py): "crop_box" resizes the centred square of
     the short side to `size` in one bicubic step, "shortest_edge" brings the short side to `resize_size`
-    (bicubic) and then crops the centre, as transformers' CLIPImageProcessor does."""
+    (bicubic) and then crops the centre, as transformers' CLIPImageProcessor does, at the offset
+    `clipforge_crop_offset` says ("floor": margin // 2; "round": torchvision's int(round(margin / 2)),
+    open_clip's). `tokenizer.cleaning` is what runs before tokenizer.json: "none", or "open_clip"
+    (ftfy.fix_text, html.unescape twice, whitespace collapse, lowercase: model.tokenizer.open_clip_clean)."""
     cfg = model.cfg
     return {
         "format": FORMAT,
@@ -217,12 +221,12 @@ def onnx_config(model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any], che
             "size": [cfg.img_size, cfg.img_size], "mode": "RGB", "mean": list(cfg.image_mean),
             "std": list(cfg.image_std), "interpolation": "bicubic", "resize_mode": "shortest", "crop": "center",
             "fill_color": 0, "resize_size": cfg.image_resize_size or cfg.img_size,
-            "clipforge_resize": cfg.image_resize,
+            "clipforge_resize": cfg.image_resize, "clipforge_crop_offset": cfg.image_crop_offset,
         },
         "tokenizer": {
             "file": TOKENIZER, "context_length": tokenizer.max_length, "vocab_size": cfg.vocab_size,
             "pad_token_id": cfg.pad_token_id, "sot_token_id": cfg.sot_token_id, "eot_token_id": cfg.eot_token_id,
-            "padding": "right",
+            "padding": "right", "cleaning": tokenizer.cleaning,
         },
         "class_names": list(meta.get("class_names") or []),
         "source": meta.get("source"),  # where an imported checkpoint came from (None for clipforge's own)

@@ -49,10 +49,18 @@ def convert_to_hf(src: str | Path, out_dir: str | Path, *, arch: str | None = No
     return {"format": "open_clip", "name_or_path": source.name_or_path, "arch": source.arch, "license": source.license}
 
 
+# What a transformers folder cannot say of open_clip's preprocessing, given to the checkpoint beside it:
+# torchvision's CenterCrop rounds the crop offset (CLIPImageProcessor floors it), and open_clip's
+# tokenizer runs ftfy and unescapes HTML before BPE (transformers' CLIPTokenizer does neither).
+OPEN_CLIP_CONFIG = {"image_crop_offset": "round"}
+OPEN_CLIP_CLEANING = "open_clip"
+
+
 def import_open_clip(src: str | Path, out: str | Path, arch: str | None = None) -> str:
     """`clipforge model import open_clip:PATH --out CKPT`: through a transformers folder into a checkpoint; its hash."""
     from interop.hf import import_hf
 
     with tempfile.TemporaryDirectory(prefix="open_clip-") as tmp:
         provenance = convert_to_hf(src, tmp, arch=arch)
-        return import_hf(tmp, out, source={k: v for k, v in provenance.items() if v is not None})
+        return import_hf(tmp, out, source={k: v for k, v in provenance.items() if v is not None},
+                         config_changes=OPEN_CLIP_CONFIG, cleaning=OPEN_CLIP_CLEANING)

@@ -67,6 +67,10 @@ def check_supported(cfg: dict[str, Any]) -> None:
         raise _refuse(f"text projection {text['proj_type']!r}")
     if not isinstance(vision.get("image_size", 224), int) or not isinstance(vision.get("patch_size", 16), int):
         raise _refuse("a non-square image size or patch")
+    tok_kwargs = text.get("tokenizer_kwargs") or {}
+    if {k: v for k, v in tok_kwargs.items() if (k, v) != ("clean", "lower")}:
+        # the import cleans text as open_clip's default "lower" does (model.tokenizer.open_clip_clean)
+        raise _refuse(f"tokenizer arguments {tok_kwargs} (only CLIP's BPE with clean 'lower' maps)")
     if text.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
         raise _refuse(f"a {text['vocab_size']}-token vocabulary (CLIP's BPE has {VOCAB_SIZE})")
     for tower, sub in (("image", vision), ("text", text)):

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ transformers.logging.disable_progress_bar()
 
 from clipforge_cli import main
 from interop.hf import import_hf
-from interop.hf_export import export_hf
+from interop.hf_export import export_hf, read_notes
 
 TEXTS = [
     "a photo of a dog.",
@@ -296,14 +297,14 @@ def test_export_loads_in_transformers_with_the_same_embeddings(tmp_path: Path, b
     _assert_same(_our_embeddings(tmp_path / "again", TEXTS, photos), theirs)
 
 
-def _save_native(directory: Path, bpe_dir: Path | None, **changes) -> Path:
+def _save_native(directory: Path, bpe_dir: Path | None, *, cleaning: str = "none", **changes) -> Path:
     base = {"img_size": 32, "patch_size": 8, "img_dim": 32, "img_n_heads": 4, "img_n_layers": 1,
             "text_dim": 32, "text_n_heads": 4, "text_n_kv_heads": 4, "text_n_layers": 1, "align_dim": 16,
             "text_pos": "learned", "max_seq_len": 77}
     if bpe_dir is not None:
         vocab = json.loads((bpe_dir / "vocab.json").read_text("utf-8"))
         merges = (bpe_dir / "merges.txt").read_text("utf-8").splitlines()
-        tok = CLIPTokenizer.from_clip_bpe(vocab, merges)
+        tok = CLIPTokenizer.from_clip_bpe(vocab, merges).with_cleaning(cleaning)
         base.update(vocab_size=49408, pad_token_id=0, sot_token_id=49406, eot_token_id=49407)
     else:
         tok = CLIPTokenizer.train(["a red circle", "a blue square"] * 5, vocab_size=300, max_length=32)
@@ -324,6 +325,33 @@ def test_a_native_model_with_clip_bpe_exports(tmp_path: Path, bpe_dir: Path) -> 
     with torch.no_grad():
         theirs = exported(pixel_values=ours, input_ids=torch.tensor([[49406, 320, 49407]])).image_embeds
         assert torch.allclose(model.encode_image(ours), F.normalize(theirs, dim=-1), atol=1e-5)
+    assert read_notes(tmp_path / "out") == []  # transformers reproduces all of it
+
+
+def test_open_clips_crop_offset_and_cleaning_export_and_the_export_says_what_differs(
+        tmp_path: Path, bpe_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """An open_clip import exports (its weights exactly); transformers' processor and tokenizer really do differ
+    on the two choices, and the folder and the CLI name both."""
+    ckpt = _save_native(tmp_path / "ckpt", bpe_dir, cleaning="open_clip", image_resize="shortest_edge",
+                        image_crop_offset="round")
+    assert main(["model", "export", str(ckpt), "--to", f"hf:{tmp_path / 'out'}"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipforge: note: ")]
+    assert len(notes) == 2
+    assert "transformers will not reproduce image_crop_offset 'round'" in notes[0]
+    assert "transformers will not reproduce tokenizer cleaning 'open_clip'" in notes[1]
+    assert [n.split(":")[0] for n in read_notes(tmp_path / "out")] == ["image_crop_offset 'round'",
+                                                                       "tokenizer cleaning 'open_clip'"]
+    model, tok, _ = load_checkpoint(ckpt)
+    odd_margin = Image.fromarray(np.random.default_rng(3).integers(0, 255, (32, 47, 3), dtype=np.uint8))
+    proc = transformers.CLIPImageProcessor.from_pretrained(str(tmp_path / "out"))
+    theirs = proc(images=[odd_margin], return_tensors="pt")["pixel_values"][0]
+    floor = ImageTransform.for_config(model.cfg.replace(image_crop_offset="floor"))(odd_margin)
+    assert torch.allclose(theirs, floor, atol=1e-5)
+    assert not torch.allclose(theirs, ImageTransform.for_config(model.cfg)(odd_margin), atol=1e-2)
+    their_tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "out"))
+    ours = tok.encode("Tom &amp; Jerry")[0].tolist()
+    assert ours[: ours.index(tok.eot_id) + 1] == their_tok("tom & jerry")["input_ids"]
+    assert their_tok("Tom &amp; Jerry")["input_ids"] != their_tok("tom & jerry")["input_ids"]
 
 
 @pytest.mark.parametrize(("changes", "field"), [

@@ -45,18 +45,20 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mini-32-rope-gqa-conv-colour": ("mini-32", {**TINY, "text_n_kv_heads": 2, "img_stem": "conv",
                                                  "img_color_layer": 1, "img_pool": "cls"}),
     # learned text positions, plain multi-head attention, patch stem, mean pooling, the math attention path,
-    # CLIP's QuickGELU, layer-norm eps and 49,408-token BPE ("!" padding), transformers' shortest-edge resize
+    # CLIP's QuickGELU, layer-norm eps and 49,408-token BPE ("!" padding) with open_clip's text cleaning,
+    # the shortest-edge resize with open_clip's rounded crop offset
     "vit-b-16-learned-mha-mean-quickgelu-clipbpe": ("vit-b-16", {
         **TINY, "text_n_kv_heads": 4, "img_pool": "mean", "use_sdpa": False, "mlp_act": "quick_gelu", "eps": 1e-5,
-        "image_resize": "shortest_edge", "image_resize_size": 18, "pad_token_id": 0, "sot_token_id": 49406,
-        "eot_token_id": 49407}),
+        "image_resize": "shortest_edge", "image_resize_size": 18, "image_crop_offset": "round", "pad_token_id": 0,
+        "sot_token_id": 49406, "eot_token_id": 49407}),
 }
 
 
 def _tokenizer(cfg: Any, tmp_dir: Path) -> CLIPTokenizer:
     """CLIP's own BPE where the config numbers its special tokens as CLIP does, else one trained on captions."""
     if cfg.eot_token_id == 49407:
-        return CLIPTokenizer.from_clip_bpe(*clip_bpe(tmp_dir), max_length=cfg.max_seq_len)
+        tok = CLIPTokenizer.from_clip_bpe(*clip_bpe(tmp_dir), max_length=cfg.max_seq_len)
+        return tok.with_cleaning("open_clip") if cfg.image_crop_offset == "round" else tok
     return CLIPTokenizer.train(CAPTIONS, vocab_size=400, max_length=cfg.max_seq_len)
 
 
@@ -104,7 +106,10 @@ def test_export_writes_both_graphs_tokenizer_and_config(exported: dict[str, Any]
     assert pre["mean"] == pytest.approx(list(cfg.image_mean)) and pre["std"] == pytest.approx(list(cfg.image_std))
     assert (pre["interpolation"], pre["resize_mode"], pre["crop"]) == ("bicubic", "shortest", "center")
     assert (pre["clipforge_resize"], pre["resize_size"]) == (cfg.image_resize, cfg.image_resize_size or cfg.img_size)
+    assert pre["clipforge_crop_offset"] == cfg.image_crop_offset
     assert config["tokenizer"]["context_length"] == cfg.max_seq_len
+    # read back from the checkpoint's tokenizer file: the variant with the rounded offset cleans as open_clip does
+    assert config["tokenizer"]["cleaning"] == ("open_clip" if cfg.image_crop_offset == "round" else "none")
     assert config["class_names"] == ["circle", "square"]
 
 

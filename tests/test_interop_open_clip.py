@@ -47,16 +47,13 @@ TEXTS = [
     "東京の夜景 🌃🐶",
     "it's 3:45pm, we're 100% sure they'll've gone",
     "donâ€™t ﬁne",
+    "ÀÉÎÕÜ İSTANBUL straße ǅ",
+    "“curly” ‘quotes’, ＦＵＬＬ ｗｉｄｔｈ and ﬀ",
+    "&nbsp;&#39;&#x27;&quot; a\u00a0b",
     "",
     "a photo of " + "a very long caption " * 30,
 ]
 SMALL = ("hub_safetensors", "hub_bin_fp16", "openai_jit")
-# The checkpoint path is exact on open_clip's own pixels; what is left is clipforge's side:
-# CLIPInference's resize and JPEG draft, open_clip's rounding of the centre-crop
-# offset, open_clip's text cleaning (html entities, ftfy). Strict: the day they land this marker must go.
-PENDING_CLIPFORGE = pytest.mark.xfail(
-    strict=True, reason="clipforge preprocessing and text cleaning do not yet follow open_clip's (resize, JPEG draft, crop offset, text cleaning)"
-)
 
 
 def _reference_unavailable() -> str | None:
@@ -142,18 +139,50 @@ def _check_against_open_clip(reference: dict, name: str, tmp_path: Path) -> None
     assert not problems, "; ".join(problems)
 
 
-@PENDING_CLIPFORGE
 @pytest.mark.parametrize("name", SMALL)
 def test_import_matches_open_clip(reference: dict, name: str, tmp_path: Path) -> None:
-    """Hub safetensors (own mean/std, licence), fp16 .bin with state_dict wrapper and module. prefix, TorchScript."""
+    """Hub safetensors (own mean/std, licence), fp16 .bin with state_dict wrapper and module. prefix, TorchScript.
+
+    Through CLIPInference from the photo files: the import carries open_clip's rounded crop offset
+    (image_crop_offset "round") and its text cleaning (the tokenizer's cleaning "open_clip").
+    """
     _check_against_open_clip(reference, name, tmp_path)
 
 
-@PENDING_CLIPFORGE
 @pytest.mark.slow
 def test_import_bare_vit_b_32_with_arch(reference: dict, tmp_path: Path) -> None:
     """A full ViT-B-32 bare state dict through --arch ViT-B-32."""
     _check_against_open_clip(reference, "bare", tmp_path)
+
+
+def test_onnx_export_of_an_import_matches_open_clip(reference: dict, tmp_path: Path) -> None:
+    """The ONNX folder alone reproduces open_clip: pixels made as its clipforge_onnx.json says (the rounded
+    crop offset), ids from its tokenizer.json after the cleaning it names, the graphs under onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    from tokenizers import Tokenizer
+
+    from interop.onnx_export import CONFIG, TOKENIZER, export_onnx
+    from interop.onnx_runtime import OnnxEncoder
+    from model import ImageTransform, load_and_preprocess
+    from model.tokenizer import open_clip_clean
+
+    name = "hub_safetensors"  # its own mean and std, the 64 px size where the 500x334 photo's margin is odd
+    info, ref = reference["variants"][name], reference["npz"]
+    import_open_clip(reference["dir"] / info["path"], tmp_path / "ckpt", arch=info.get("arch"))
+    export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
+    config = json.loads((tmp_path / "onnx" / CONFIG).read_text(encoding="utf-8"))
+    pre, tok = config["preprocess"], config["tokenizer"]
+    assert (pre["clipforge_crop_offset"], tok["cleaning"]) == ("round", "open_clip")
+    transform = ImageTransform(pre["size"][0], pre["mean"], pre["std"], resize=pre["clipforge_resize"],
+                               resize_size=pre["resize_size"], crop_offset=pre["clipforge_crop_offset"])
+    pixels = torch.stack([load_and_preprocess(p, transform) for p in reference["images"]])
+    plain = Tokenizer.from_file(str(tmp_path / "onnx" / TOKENIZER))
+    ids = np.array([e.ids for e in plain.encode_batch([open_clip_clean(t) for t in TEXTS])])
+    assert ids.shape == ref["tokens"].shape and (ids == ref["tokens"]).all()
+    encoder = OnnxEncoder(tmp_path / "onnx", threads=1)
+    assert _cos(encoder.encode_texts(ids), ref[f"{name}/text"]).min() >= 0.9999
+    assert _cos(encoder.encode_images(pixels), ref[f"{name}/image"]).min() >= 0.999
+    assert encoder.logit_scale == pytest.approx(float(ref[f"{name}/logit_scale"]), rel=1e-5)
 
 
 def test_licence_comes_from_the_model_card(reference: dict, tmp_path: Path) -> None:
@@ -299,6 +328,8 @@ def test_unmapped_weights_are_refused_in_one_line(tmp_path: Path, extra_keys: di
         ({"custom_text": True}, "custom text tower"),
         ({"vision_cfg": {"ls_init_value": 1e-5}}, "layer scale"),
         ({"text_cfg": {"pool_type": "last"}}, "text pooling"),
+        ({"text_cfg": {"tokenizer_kwargs": {"clean": "canonicalize"}}}, "tokenizer arguments"),
+        ({"text_cfg": {"tokenizer_kwargs": {"reduction_mask": "simple"}}}, "tokenizer arguments"),
     ],
 )
 def test_unmapped_configs_are_refused_in_one_line(tmp_path: Path, change: dict, expected: str) -> None:
