@@ -61,7 +61,7 @@ def grayscale(pixels: torch.Tensor, p: float, mean: torch.Tensor, std: torch.Ten
 
 def load_all(data: Path, cfg: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Training (6,000 single objects), seen (300) and held-out (all) images, preprocessed once for every run."""
-    transform = ImageTransform(cfg.img_size, cfg.image_mean, cfg.image_std)
+    transform = ImageTransform.for_config(cfg)
     return (load_split(data, "train", transform, limit=6000), load_split(data, "seen", transform, limit=300),
             load_split(data, "heldout", transform))
 
