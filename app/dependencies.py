@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from model import CLIPInference
-from model.errors import ImageError
 
+from .decode import DecodeGate, ImageDecoder
 from .encoders import Encoders
-from .errors import ApiError, image_error, not_ready
+from .errors import ApiError, not_ready
 from .index_search import IndexSearcher
 from .limits import ServingLimits
 from .metrics import ServiceMetrics
@@ -48,6 +47,13 @@ class ServiceState:
     preset: str = "custom"
     ready: bool = False
     background: list[asyncio.Task[None]] = field(default_factory=list)  # stopped at shutdown
+    decodes: DecodeGate | None = None  # the image decode budget; sized from the settings when not given
+    max_decode_bytes: int = field(init=False, default=0)  # settings.decode_limit, resolved once
+
+    def __post_init__(self) -> None:
+        if self.decodes is None:
+            self.decodes = DecodeGate(self.settings.decode_memory)
+        self.max_decode_bytes = self.settings.decode_limit
 
 
 def get_state(request: Request) -> ServiceState:
@@ -107,7 +113,14 @@ def get_searcher(state: ReadyStateDep) -> IndexSearcher:
     return _indexed(state)[1]
 
 
+def get_decoder(state: ReadyStateDep) -> ImageDecoder:
+    """Image decoding priced from headers and held to the decode budget (app/decode.py)."""
+    assert state.clip is not None and state.decodes is not None  # ready_state checked; __post_init__ set it
+    return ImageDecoder(state.clip, state.decodes, state.max_decode_bytes)
+
+
 ClipDep = Annotated[CLIPInference, Depends(get_clip)]
+DecoderDep = Annotated[ImageDecoder, Depends(get_decoder)]
 WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
 EncodersDep = Annotated[Encoders, Depends(get_encoders)]
 IndexDep = Annotated["ImageIndex", Depends(get_index)]
@@ -180,6 +193,8 @@ def prompt_sizes(labels: Sequence[str], templates: Sequence[str]) -> tuple[int, 
 
     A template's every "{}" takes the label; a template without one gets " label" appended.
     """
+    if not labels:
+        return 0, 0
     label_bytes = [len(label.encode("utf-8")) for label in labels]
     n, summed, longest_label = len(labels), sum(label_bytes), max(label_bytes, default=0)
     longest = total = 0
@@ -211,12 +226,9 @@ def check_k(k: int, settings: Settings) -> int:
     return k
 
 
-async def read_image(clip: CLIPInference, upload: UploadFile) -> torch.Tensor:
-    """Uploaded file -> preprocessed (3, S, S) tensor, decoded off the event loop with the pixel guard."""
+async def read_image(decoder: ImageDecoder, upload: UploadFile) -> torch.Tensor:
+    """Uploaded file -> preprocessed (3, S, S) tensor, decoded off the event loop within the decode budget."""
     data = await upload.read()
     if not data:
         raise ApiError(422, "empty_image", f"uploaded file {upload.filename or 'image'!r} is empty")
-    try:
-        return await run_in_threadpool(clip.preprocess, data)
-    except ImageError as exc:
-        raise image_error(exc) from None
+    return await decoder.preprocess(data)

@@ -85,6 +85,22 @@ class Settings(BaseSettings):
         description="largest request line plus headers; the HTTP server refuses longer ones with a bare 400",
     )
     max_thumbnail: int = Field(1024, ge=16, description="largest thumbnail side in pixels")
+    # image decoding: a small upload can decode to gigabytes (a 82 KB PNG of 6000 x 6000 16-bit pixels)
+    memory_limit_bytes: int | None = Field(
+        None, ge=64 * 1024 * 1024,
+        description="memory the service may use, which sizes the decode budget below "
+                    "(default: the container's cgroup limit, else the machine's RAM)",
+    )
+    decode_memory_bytes: int | None = Field(
+        None, ge=16 * 1024 * 1024,
+        description="memory the image decodes running at once may hold together: a decode waits until its "
+                    "estimated share fits (default: a quarter of memory_limit_bytes)",
+    )
+    max_decode_bytes: int | None = Field(
+        None, ge=1024 * 1024,
+        description="largest decoded image (width x height x bands x bytes per band, read from its header); "
+                    "a larger one gets a 413 before it is decoded (default: a quarter of decode_memory_bytes)",
+    )
     # micro-batching
     batching: bool = Field(True, description="coalesce concurrent encodes into one forward pass")
     max_batch_size: int = Field(32, ge=1, le=4096, description="most items per forward pass")
@@ -158,6 +174,23 @@ class Settings(BaseSettings):
         return self.max_prompts if self.max_prompts is not None else 8 * self.max_labels
 
     @property
+    def memory_limit(self) -> int:
+        """memory_limit_bytes, or what the container or machine allows (app/memory.py)."""
+        from .memory import memory_limit
+
+        return self.memory_limit_bytes if self.memory_limit_bytes is not None else memory_limit()
+
+    @property
+    def decode_memory(self) -> int:
+        """The bytes concurrent image decodes may hold together (app/decode.py's DecodeGate)."""
+        return self.decode_memory_bytes if self.decode_memory_bytes is not None else self.memory_limit // 4
+
+    @property
+    def decode_limit(self) -> int:
+        """The largest decoded size of one image, in bytes."""
+        return self.max_decode_bytes if self.max_decode_bytes is not None else self.decode_memory // 4
+
+    @property
     def effective_batch_size(self) -> int:
         """Batch-1 serving when batching is off: one forward pass per request."""
         return self.max_batch_size if self.batching else 1
@@ -176,7 +209,7 @@ class Settings(BaseSettings):
             for name in ("max_upload_bytes", "max_pixels", "max_texts", "max_text_chars", "max_labels",
                          "max_images", "max_k", "max_thumbnail")
         }
-        return {**limits, "max_prompts": self.prompt_limit}
+        return {**limits, "max_prompts": self.prompt_limit, "max_decode_bytes": self.decode_limit}
 
 
 def load_settings(**overrides: Any) -> Settings:

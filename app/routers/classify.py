@@ -8,7 +8,7 @@ from fastapi import File, Form, UploadFile
 
 from model import rank_labels, templates_or_default
 
-from ..dependencies import ClipDep, EncodersDep, ReadyStateDep, check_prompt_sizes, check_texts, read_image
+from ..dependencies import ClipDep, DecoderDep, EncodersDep, ReadyStateDep, check_prompt_sizes, check_texts, read_image
 from ..errors import ApiError, image_upload_responses
 from ..schemas import ClassifyResponse, Prediction
 from . import read_router
@@ -22,7 +22,7 @@ router = read_router(tags=["classify"])
     summary="Zero-shot classify an image",
 )
 async def classify(
-    state: ReadyStateDep, clip: ClipDep, encoders: EncodersDep,
+    state: ReadyStateDep, clip: ClipDep, decoder: DecoderDep, encoders: EncodersDep,
     image: Annotated[UploadFile, File(description="the image to classify")],
     labels: Annotated[list[str], Form(description="candidate labels (repeat the field); default: the server's labels")] = [],
     templates: Annotated[list[str], Form(description="prompt templates with {} for the label (repeat the field)")] = [],
@@ -50,7 +50,7 @@ async def classify(
                            f"templates is {prompts:,} prompts; the limit is {settings.prompt_limit:,}")
         check_prompt_sizes(labels, expanded, per_prompt=state.limits.prompt_bytes(clip.tokenizer.max_length),
                            total=state.limits.max_prompt_bytes_total)
-    pixels = await read_image(clip, image)
+    pixels = await read_image(decoder, image)
     label_emb = await encoders.label_embeddings(labels, templates)
     image_emb = (await encoders.embed_pixels(pixels.unsqueeze(0)))[0]
     ranked = rank_labels(labels, clip.scores(image_emb, label_emb), top_k)

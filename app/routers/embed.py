@@ -7,7 +7,7 @@ from typing import Annotated
 import torch
 from fastapi import File, UploadFile
 
-from ..dependencies import ClipDep, EncodersDep, SettingsDep, check_texts, read_image
+from ..dependencies import ClipDep, DecoderDep, EncodersDep, SettingsDep, check_texts, read_image
 from ..errors import ApiError, error_responses
 from ..schemas import EmbedImageResponse, EmbedTextRequest, EmbedTextResponse, ErrorBody, ImageEmbedding
 from . import read_router
@@ -35,7 +35,7 @@ async def embed_text(
     summary="Embed images",
 )
 async def embed_image(
-    settings: SettingsDep, clip: ClipDep, encoders: EncodersDep,
+    settings: SettingsDep, clip: ClipDep, decoder: DecoderDep, encoders: EncodersDep,
     images: Annotated[list[UploadFile], File(description="one or more images (repeat the field)")],
 ) -> EmbedImageResponse:
     """One entry per image, in upload order; an image that cannot be decoded gets an error, the others still embed."""
@@ -48,7 +48,7 @@ async def embed_image(
     for i, upload in enumerate(images):
         name = upload.filename or f"image{i}"
         try:
-            good.append((i, await read_image(clip, upload)))
+            good.append((i, await read_image(decoder, upload)))
             results.append(ImageEmbedding(filename=name))
         except ApiError as err:
             results.append(ImageEmbedding(filename=name, error=ErrorBody(code=err.code, message=err.message)))

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import mimetypes
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path as PathParam, Query, UploadFile
 from fastapi.responses import FileResponse, Response
-from starlette.concurrency import run_in_threadpool
 
-from model import open_image
-from model.errors import ClipforgeError, ImageError
+from model.errors import ClipforgeError
 
 from ..dependencies import (
     ClipDep,
+    DecoderDep,
     IndexDep,
     MetricsDep,
     SettingsDep,
@@ -24,7 +22,7 @@ from ..dependencies import (
     require_read_key,
     require_write_key,
 )
-from ..errors import ApiError, error_responses, image_error
+from ..errors import ApiError, error_responses
 from ..forms import StrictFormRoute
 from ..schemas import AddedImage, AddImagesResponse, DeleteImageResponse, ErrorBody, FailedImage
 
@@ -49,14 +47,6 @@ def _stored_path(index: ImageIndex, image_id: int) -> Path:
     return path
 
 
-def _thumbnail(path: Path, size: int, max_pixels: int) -> bytes:
-    img = open_image(path, max_pixels=max_pixels, draft_size=size)
-    img.thumbnail((size, size))
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=85)
-    return out.getvalue()
-
-
 @router.get(
     "/{id}", operation_id="get_image", dependencies=[Depends(require_read_key)],
     response_class=Response, responses={200: {"content": _IMAGE_CONTENT, "description": "The image file or a JPEG thumbnail"},
@@ -64,7 +54,7 @@ def _thumbnail(path: Path, size: int, max_pixels: int) -> bytes:
     summary="Fetch an indexed image",
 )
 async def get_image(
-    settings: SettingsDep, index: IndexDep,
+    settings: SettingsDep, index: IndexDep, decoder: DecoderDep,
     id: Annotated[int, PathParam(ge=0, le=2**62, description="image id, as returned by search")],
     size: Annotated[int | None, Query(ge=16, description="longest side of a JPEG thumbnail (16 to the server's max_thumbnail)")] = None,
 ) -> Response:
@@ -75,10 +65,7 @@ async def get_image(
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
     if size > settings.max_thumbnail:
         raise ApiError(422, "invalid_size", f"size must be between 16 and {settings.max_thumbnail}, got {size}")
-    try:
-        data = await run_in_threadpool(_thumbnail, path, size, settings.max_pixels)
-    except ImageError as exc:
-        raise image_error(exc) from None
+    data = await decoder.thumbnail(path, size)  # priced from the header and held to the decode budget
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
 
@@ -101,7 +88,7 @@ def _added_names(items: list[tuple[str, bytes, str | None]], report: AddReport) 
     responses=error_responses(400, 401, 403, 413, 422, 503), summary="Add images to the index (API key)",
 )
 async def add_images(
-    settings: SettingsDep, metrics: MetricsDep, clip: ClipDep, worker: WorkerDep, index: IndexDep,
+    settings: SettingsDep, metrics: MetricsDep, clip: ClipDep, decoder: DecoderDep, worker: WorkerDep, index: IndexDep,
     images: Annotated[list[UploadFile], File(description="image files (repeat the field)")],
     captions: Annotated[list[str], Form(description="optional captions, one per image, in the same order")] = [],
 ) -> AddImagesResponse:
@@ -113,11 +100,18 @@ async def add_images(
             raise ApiError(422, "captions_mismatch", f"{len(captions)} captions for {len(images)} images; "
                            "send one caption per image or none")
         captions = check_texts(captions, "captions", settings.max_images, settings.max_text_chars)
-    items = []
+    items, refused, peak = [], [], 0
     for i, upload in enumerate(images):
         data = await upload.read()
-        items.append((upload.filename or f"upload{i}", data, captions[i] if captions else None))
-    report = await worker.run(lambda: index.add_bytes(clip, items, max_bytes=settings.max_upload_bytes))
+        name = upload.filename or f"upload{i}"
+        try:  # priced from its header: one that would decode past the budget is refused before the model thread
+            peak = max(peak, decoder.upload_peak(data))
+        except ApiError as err:
+            refused.append(FailedImage(filename=name, error=ErrorBody(code=err.code, message=err.message)))
+            continue
+        items.append((name, data, captions[i] if captions else None))
+    async with decoder.holding(peak):  # the index decodes one upload at a time
+        report = await worker.run(lambda: index.add_bytes(clip, items, max_bytes=settings.max_upload_bytes))
     metrics.index_size.set(len(index))
     names = _added_names(items, report)
     if len(names) != len(report.added):  # never guess: without a safe pairing, report ids only
@@ -125,8 +119,8 @@ async def add_images(
     return AddImagesResponse(
         added=[AddedImage(id=int(i), filename=n) for i, n in zip(report.added, names)],
         duplicates=[AddedImage(id=int(i), filename=str(n)) for n, i in report.duplicates],
-        failed=[FailedImage(filename=str(n), error=ErrorBody(code="invalid_image", message=str(why)))
-                for n, why in report.failed],
+        failed=refused + [FailedImage(filename=str(n), error=ErrorBody(code="invalid_image", message=str(why)))
+                          for n, why in report.failed],
         size=len(index),
     )
 

@@ -9,6 +9,7 @@ from fastapi import File, Form, Query, Request, UploadFile
 
 from ..dependencies import (
     ClipDep,
+    DecoderDep,
     EncodersDep,
     SearcherDep,
     SettingsDep,
@@ -70,13 +71,14 @@ async def search(
     responses=image_upload_responses(), summary="Search images by image",
 )
 async def search_by_image(
-    request: Request, settings: SettingsDep, clip: ClipDep, encoders: EncodersDep, searcher: SearcherDep,
+    request: Request, settings: SettingsDep, clip: ClipDep, decoder: DecoderDep, encoders: EncodersDep,
+    searcher: SearcherDep,
     image: Annotated[UploadFile, File(description="find indexed images like this one")],
     k: Annotated[int, Form(description="how many results (1 to the server's max_k)")] = 10,
     min_score: Annotated[float | None, Form(ge=-1.0, le=1.0, description="drop results below this cosine similarity")] = None,
 ) -> SearchResponse:
     """The k indexed images most similar to the uploaded one, best first."""
     check_k(k, settings)
-    pixels = await read_image(clip, image)
+    pixels = await read_image(decoder, image)
     vector = (await encoders.embed_pixels(pixels.unsqueeze(0)))[0]
     return _response(request, image.filename or "image", await searcher.search(vector, k, min_score), clip.model_id)
