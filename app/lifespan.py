@@ -59,9 +59,11 @@ def load_service(state: ServiceState) -> None:
         state.metrics.model_loaded.set(1)
         log.info("model loaded", extra={"model": clip.model_id, "preset": state.preset, "dim": clip.dim})
     if settings.index is not None and state.index is None:
-        from index import ImageIndex  # only a service with an index needs the index package
+        # only a service with an index needs the index package; the setting names a FAISS folder, or a
+        # location file naming a Milvus collection that every replica shares (index/locations.py)
+        from index.locations import open_index
 
-        state.index = ImageIndex.open(settings.index, model_id=state.clip.model_id, mmap=False)
+        state.index = open_index(settings.index, model_id=state.clip.model_id, mmap=False)
         _tune_faiss(settings)
         state.metrics.index_size.set(len(state.index))
         log.info("index opened", extra={"index": str(settings.index), "size": len(state.index)})

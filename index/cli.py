@@ -12,19 +12,30 @@ from typing import TYPE_CHECKING, Any
 from .backends import REQUESTABLE
 from .errors import IndexStoreError
 from .image_index import ImageIndex
+from .locations import create_index, open_index, resolve_location
 from .types import AddReport
 
 if TYPE_CHECKING:
     from model import CLIPInference
 
+    from .protocol import IndexStore
+    from .search_filter import SearchFilter
+
+
+def _recorded_checkpoint(idx: IndexStore) -> str | None:
+    """The checkpoint path recorded at build, by either store."""
+    if isinstance(idx, ImageIndex):
+        return idx.manifest.checkpoint_path
+    return getattr(idx, "checkpoint_path", None)
+
 
 def _load_clip(
-    checkpoint: str | None, idx: ImageIndex | None, *, device: str, max_pixels: int | None = None,
+    checkpoint: str | None, idx: IndexStore | None, *, device: str, max_pixels: int | None = None,
 ) -> CLIPInference:
     from model import CLIPInference
     from model.device import resolve_device
 
-    path = checkpoint or (idx.manifest.checkpoint_path if idx is not None else None)
+    path = checkpoint or (_recorded_checkpoint(idx) if idx is not None else None)
     if not path:
         raise IndexStoreError("this index records no checkpoint path; pass --checkpoint")
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
@@ -64,8 +75,9 @@ def _records_from_spec(spec_text: str) -> tuple[list[Path | bytes], list[str], l
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if (out / "CURRENT").exists():
+    where = resolve_location(args.out)
+    out = where if isinstance(where, Path) else None  # a FAISS folder, or None for a Milvus collection
+    if out is not None and (out / "CURRENT").exists():
         raise IndexStoreError(f"{out} already holds an index; use `clipforge index add {out} DIR` (duplicates are skipped)")
     clip = _load_clip(args.checkpoint, None, device=args.device, max_pixels=args.max_pixels)
     params = _params(args)
@@ -76,13 +88,13 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise IndexStoreError(f"--images {images_dir} is not a folder")
         from .files import iter_image_files
 
-        files = iter_image_files(images_dir, exclude=[out])
+        files = iter_image_files(images_dir, exclude=[out] if out is not None else [])
         if not files:
             raise IndexStoreError(f"no image files ({', '.join(sorted({'jpg', 'png', 'webp', 'gif', 'bmp', 'tiff'}))}) under {images_dir}")
         index_type = args.type
-        idx = ImageIndex.create(out, clip, index_type=index_type, root=args.root or images_dir, params=params,
-                                checkpoint_path=args.checkpoint)
-        print(f"indexing {len(files)} image file(s) from {images_dir} into {out}", file=sys.stderr)
+        idx = create_index(args.out, clip, index_type=index_type, root=args.root or images_dir, params=params,
+                           checkpoint_path=args.checkpoint)
+        print(f"indexing {len(files)} image file(s) from {images_dir} into {args.out}", file=sys.stderr)
         report = idx.add_files(clip, files, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     else:
         images, names, captions = _records_from_spec(args.data)
@@ -90,8 +102,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise IndexStoreError(f"the data spec {args.data} holds no images")
         paths = [i for i in images if isinstance(i, Path)]
         root = Path(args.root) if args.root else (Path(_common_parent(paths)) if len(paths) == len(images) else out)
-        idx = ImageIndex.create(out, clip, index_type=args.type, root=root, params=params, checkpoint_path=args.checkpoint)
-        print(f"indexing {len(images)} image(s) from {args.data} into {out}", file=sys.stderr)
+        idx = create_index(args.out, clip, index_type=args.type, root=root, params=params, checkpoint_path=args.checkpoint)
+        print(f"indexing {len(images)} image(s) from {args.data} into {args.out}", file=sys.stderr)
         report = AddReport()
         if paths and len(paths) == len(images):
             report = idx.add_files(clip, paths, captions, batch_size=args.batch_size, workers=args.workers,
@@ -100,8 +112,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             report = idx.add_bytes(clip, [(n if isinstance(i, bytes) else str(i), i if isinstance(i, bytes) else i.read_bytes(), c)
                                           for n, i, c in zip(names, images, captions)])
     _print_report(report, time.perf_counter() - started)
-    print(f"index {out}: {len(idx)} image(s), type {idx.index_type}")
-    return 0 if len(idx) else 1
+    print(f"index {args.out}: {len(idx)} image(s), type {idx.index_type}")
+    count = len(idx)
+    idx.close()
+    return 0 if count else 1
 
 
 def _common_parent(paths: list[Path]) -> str:
@@ -113,10 +127,10 @@ def _common_parent(paths: list[Path]) -> str:
 def cmd_add(args: argparse.Namespace) -> int:
     from .files import expand_inputs
 
-    idx = ImageIndex.open(args.index)
+    idx = open_index(args.index)
     clip = _load_clip(args.checkpoint, idx, device=args.device, max_pixels=args.max_pixels)
     idx.check_model(clip)
-    files = expand_inputs(args.paths, exclude=[Path(args.index)])
+    files = expand_inputs(args.paths, exclude=[idx.directory] if isinstance(idx, ImageIndex) else [])
     started = time.perf_counter()
     report = idx.add_files(clip, files, batch_size=args.batch_size, workers=args.workers,
                            progress=not args.quiet and len(files) > 100, copy_outside_root=args.copy)
@@ -128,7 +142,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    idx = ImageIndex.open(args.index)
+    idx = open_index(args.index)
     targets: list[int | str] = [int(t) if t.isdigit() else t for t in args.targets]
     removed = idx.remove(targets)
     print(f"removed {removed} image(s); index {args.index}: {len(idx)} image(s)")
@@ -136,12 +150,15 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    idx = ImageIndex.open(args.index)
+    idx = open_index(args.index)
     info = idx.info()
     if args.verify:
         info["verified"] = idx.verify()
     if args.json:
         print(json.dumps(info, indent=2))
+        return 0
+    if info.get("store") == "milvus":
+        _print_milvus_info(info)
         return 0
     print(f"{info['path']}: {info['count']} image(s), {info['index_type']} index (requested {info['requested_type']}), "
           f"{info['dim']}-d {info['metric']}")
@@ -161,8 +178,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_milvus_info(info: dict[str, Any]) -> None:
+    p = info["params"]
+    print(f"{info['path']}: {info['count']} image(s), Milvus {info['index_type']} index (requested "
+          f"{info['requested_type']}), {info['dim']}-d {info['metric']}")
+    print(f"  checkpoint {info['checkpoint_hash'][:16]}  ({info['checkpoint_path'] or 'path not recorded'})")
+    print(f"  server {info['uri']}  collection {info['collection']}  image bytes in {info['uploads']} "
+          f"(up to {info['max_image_bytes'] / 1e6:.0f} MB each)")
+    print(f"  root {info['root'] or 'none'}  created {info['created']}  updated {info['updated']}")
+    if info["index_type"] == "hnsw":
+        print(f"  HNSW M={p['hnsw_m']} efConstruction={p['ef_construction']} efSearch={p['ef_search']}")
+    if "verified" in info:
+        print(f"  verified: {info['verified']}")
+
+
+def _search_filter(args: argparse.Namespace) -> SearchFilter | None:
+    from .search_filter import SearchFilter
+
+    given = SearchFilter(path_prefix=args.path_prefix, caption_contains=args.caption_contains,
+                         added_after=args.added_after, added_before=args.added_before)
+    return None if given.empty else given
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    idx = ImageIndex.open(args.index, mmap=args.mmap)
+    idx = open_index(args.index, mmap=args.mmap)
+    conditions = _search_filter(args)
+    if conditions is not None and isinstance(idx, ImageIndex):
+        raise IndexStoreError("filtered search (--path-prefix, --caption-contains, --added-after/--added-before) "
+                              "is on the Milvus store only so far")
     clip = _load_clip(args.checkpoint, idx, device=args.device)
     idx.check_model(clip)
     if args.image:
@@ -171,7 +214,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         vectors = clip.embed_texts([args.text])
     else:
         raise IndexStoreError("give a query text or --image FILE")
-    hits = idx.search_by_vector(vectors, args.k, args.min_score, ef_search=args.ef_search, nprobe=args.nprobe)[0]
+    extra = {"filter": conditions} if conditions is not None else {}
+    hits = idx.search_by_vector(vectors, args.k, args.min_score, ef_search=args.ef_search, nprobe=args.nprobe, **extra)[0]
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=2))
         return 0
@@ -184,7 +228,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    idx = ImageIndex.open(args.index)
+    idx = open_index(args.index)
+    if not isinstance(idx, ImageIndex):
+        raise IndexStoreError(f"{args.index}: the Milvus store cannot change a built index; build another collection "
+                              "with `clipforge index build --out milvus://HOST:PORT/NEW` and point the service at it")
     before = idx.info()
     idx.rebuild(args.type, _params(args) or None)
     print(f"rebuilt {args.index}: {before['index_type']} -> {idx.index_type}, {len(idx)} image(s), "
@@ -218,6 +265,10 @@ def _add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+_MILVUS_FORMS = "milvus://HOST:PORT/COLLECTION or milvus-lite:PATH.db/COLLECTION (Milvus)"
+_INDEX_HELP = f"index directory, {_MILVUS_FORMS}, or a file holding one such location"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("index", help="build, update and search an image index")
     isub = parser.add_subparsers(dest="index_command", metavar="ACTION")
@@ -228,14 +279,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = build.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder walked recursively for jpg/png/webp/gif/bmp/tiff files")
     src.add_argument("--data", help="a training data spec (e.g. csv:captions.txt); keeps captions")
-    build.add_argument("--out", required=True, help="index directory to create")
+    build.add_argument("--out", required=True, help=f"index to create: a directory (FAISS), or {_MILVUS_FORMS}")
     build.add_argument("--root", help="folder stored paths are relative to (default: --images)")
     _add_type_flags(build, True)
     _add_embed_flags(build)
     build.set_defaults(func=cmd_build)
 
     add = isub.add_parser("add", help="embed and add image files or folders")
-    add.add_argument("index")
+    add.add_argument("index", help=_INDEX_HELP)
     add.add_argument("paths", nargs="+", help="image files or folders")
     add.add_argument("--checkpoint", help="checkpoint (default: the one recorded at build; the hash must match)")
     add.add_argument("--copy", action="store_true", help="copy files outside the index root into its uploads folder")
@@ -243,18 +294,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.set_defaults(func=cmd_add)
 
     rm = isub.add_parser("remove", help="remove images by id, path or folder")
-    rm.add_argument("index")
+    rm.add_argument("index", help=_INDEX_HELP)
     rm.add_argument("targets", nargs="+", help="ids, or paths relative to the root (or absolute inside it)")
     rm.set_defaults(func=cmd_remove)
 
     info = isub.add_parser("info", help="count, type, parameters and checkpoint of an index")
-    info.add_argument("index")
+    info.add_argument("index", help=_INDEX_HELP)
     info.add_argument("--json", action="store_true")
-    info.add_argument("--verify", action="store_true", help="also check that FAISS, SQLite and manifest agree")
+    info.add_argument("--verify", action="store_true",
+                      help="also check that FAISS, SQLite and manifest agree (Milvus: ids, times and stored bytes)")
     info.set_defaults(func=cmd_info)
 
     search = isub.add_parser("search", help="search an index locally by text or image")
-    search.add_argument("index")
+    search.add_argument("index", help=_INDEX_HELP)
     search.add_argument("text", nargs="?", help="query text")
     search.add_argument("--image", help="query image file instead of text")
     search.add_argument("-k", type=int, default=10)
@@ -265,6 +317,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_device_flag(search)
     search.add_argument("--mmap", action="store_true", help="memory-map the index instead of loading it")
     search.add_argument("--json", action="store_true")
+    search.add_argument("--path-prefix", help="only images whose stored path starts with this (Milvus store)")
+    search.add_argument("--caption-contains", help="only images whose caption holds this text (Milvus store)")
+    search.add_argument("--added-after", help="only images added at or after this UTC time (Milvus store)")
+    search.add_argument("--added-before", help="only images added before this UTC time (Milvus store)")
     search.set_defaults(func=cmd_search)
 
     rebuild = isub.add_parser("rebuild", help="re-index stored vectors: compact tombstones, change type or parameters")
