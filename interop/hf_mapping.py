@@ -3,7 +3,7 @@
 The mapping is exact: a CLIPModel's ViT towers are clipforge towers with q/k/v fused into
 one projection, QuickGELU or GELU, LayerNorm eps 1e-5, learned positions, CLS pooling after
 ln_post and pooling at the first end-of-text token; the preprocessing is transformers'
-CLIPImageProcessor. transformers is imported here (load_transformers) and nowhere else.
+CLIPImageProcessor. interop reaches transformers only through load_transformers (model.hf_towers imports it).
 """
 
 from __future__ import annotations
@@ -16,19 +16,18 @@ import torch
 from model.clip import CLIP
 from model.config import CLIPConfig
 from model.errors import CheckpointError, ClipforgeError, ConfigError
+from model.hf_towers import transformers_module
 from model.tokenizer import CLIPTokenizer
 
 RESAMPLE_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as preprocessor_config.json stores it
 
 
 def load_transformers() -> Any:
+    """transformers, quiet (model.hf_towers imports it so), or one line naming the extra hf: interop needs."""
     try:
-        import transformers
-    except ImportError as exc:
+        return transformers_module()
+    except ClipforgeError as exc:
         raise ClipforgeError("hf: interop needs transformers: pip install 'clipforge[hf]'") from exc
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    return transformers
 
 
 def config_from_hf(hf: Any, tokenizer: CLIPTokenizer, preprocessing: dict[str, Any],
