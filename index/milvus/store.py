@@ -16,7 +16,7 @@ next read through any other. Differences from the FAISS store, by design:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -51,11 +51,11 @@ from .connection import (
     disconnect,
     files_collection,
     filter_expression,
-    in_list,
     like_literal,
     milvus_errors,
 )
 from .files import DEFAULT_MAX_IMAGE_BYTES, ImageFiles
+from .rows import ROWS_PER_CALL, CollectionRows
 from .setup import existing_collections, new_collections
 from .writes import content_id, image_row, plan_adds, stored_content, unit_rows
 
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from model.image import ImageSource
 
 _RECORD_FIELDS = ["id", "path", "caption", "width", "height", "sha256", "added", "chunks", "size_bytes"]
-_ROWS_PER_CALL = 1000
 
 
 def _location(where: MilvusLocation | str) -> MilvusLocation:
@@ -83,6 +82,7 @@ class MilvusImageIndex:
                  cache_dir: Path | None = None) -> None:
         self.where, self._client, self._meta = where, client, meta
         self.files = ImageFiles(client, where, cache_dir)
+        self.rows = CollectionRows(client, where)
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -189,41 +189,20 @@ class MilvusImageIndex:
         return False
 
     # ------------------------------------------------------------------ reading
-    def _rows(self, ids: Sequence[int], fields: list[str]) -> dict[int, dict[str, Any]]:
-        out: dict[int, dict[str, Any]] = {}
-        unique = list(dict.fromkeys(int(i) for i in ids))
-        with milvus_errors(self.where, "reading records"):
-            for start in range(0, len(unique), _ROWS_PER_CALL):
-                part = unique[start:start + _ROWS_PER_CALL]
-                for row in self._client.get(self.where.collection, ids=part, output_fields=fields,
-                                            consistency_level=STRONG):
-                    out[int(row["id"])] = row
-        return out
-
-    def _scan(self, expression: str, fields: list[str]) -> Iterator[dict[str, Any]]:
-        with milvus_errors(self.where, "listing records"):
-            it = self._client.query_iterator(self.where.collection, batch_size=4096, filter=expression,
-                                             output_fields=fields, consistency_level=STRONG)
-            try:
-                while rows := it.next():
-                    yield from rows
-            finally:
-                it.close()
-
     def get(self, image_id: int) -> ImageRecord | None:
-        row = self._rows([int(image_id)], _RECORD_FIELDS).get(int(image_id))
+        row = self.rows.by_id([int(image_id)], _RECORD_FIELDS).get(int(image_id))
         return _record(row) if row is not None else None
 
     def records(self, offset: int = 0, limit: int = 100) -> list[ImageRecord]:
         """A page of records in id order (listing every id first: for maintenance, not per request)."""
-        ids = sorted(int(r["id"]) for r in self._scan("id >= 0", ["id"]))
+        ids = sorted(int(r["id"]) for r in self.rows.scan("id >= 0", ["id"]))
         page = ids[max(0, int(offset)):max(0, int(offset)) + max(0, min(int(limit), 10_000))]
-        rows = self._rows(page, _RECORD_FIELDS)
+        rows = self.rows.by_id(page, _RECORD_FIELDS)
         return [_record(rows[i]) for i in page if i in rows]
 
     def resolve_path(self, image_id: int) -> Path:
         """A local file of the image: its stored bytes (cached here), else its file under a root this machine has."""
-        row = self._rows([int(image_id)], _RECORD_FIELDS).get(int(image_id))
+        row = self.rows.by_id([int(image_id)], _RECORD_FIELDS).get(int(image_id))
         if row is None:
             raise IndexStoreError(f"no image with id {image_id} in the index")
         if int(row["chunks"]):
@@ -279,11 +258,11 @@ class MilvusImageIndex:
 
     def verify(self) -> dict[str, int]:
         """Check every row: id from its hash, a valid time, and all its byte chunks present."""
-        return verify_rows(self._scan("id >= 0", ["id", "sha256", "chunks", "added"]), self.files, self.where.text)
+        return verify_rows(self.rows.scan("id >= 0", ["id", "sha256", "chunks", "added"]), self.files, self.where.text)
 
     # ------------------------------------------------------------------ writing
     def _ids_by_hash(self, hashes: Sequence[str]) -> dict[str, int]:
-        rows = self._rows([content_id(h) for h in hashes], ["id", "sha256"])
+        rows = self.rows.by_id([content_id(h) for h in hashes], ["id", "sha256"])
         wanted = set(hashes)
         return {r["sha256"]: int(i) for i, r in rows.items() if r["sha256"] in wanted}
 
@@ -328,7 +307,7 @@ class MilvusImageIndex:
         return self._commit_adds([PendingImage(im.path, im, v) for im, v in zip(images, vecs)])
 
     def _commit_adds(self, pending: list[PendingImage]) -> AddReport:
-        known = self._rows([content_id(p.image.sha256) for p in pending], ["id", "sha256"])
+        known = self.rows.by_id([content_id(p.image.sha256) for p in pending], ["id", "sha256"])
         fresh, report = plan_adds(pending, {i: r["sha256"] for i, r in known.items()})
         rows, stored = [], []
         now = utc_timestamp()
@@ -344,10 +323,10 @@ class MilvusImageIndex:
                     self.files.store(stored)
                     stored = []
         self.files.store(stored)  # bytes first: once a row is visible, so is its image
-        replaced = self._ids_at_paths([r["path"] for r in rows], exclude={r["id"] for r in rows})
+        replaced = self.rows.ids_at_paths([r["path"] for r in rows], exclude={r["id"] for r in rows})
         with milvus_errors(self.where, "adding images"):
-            for start in range(0, len(rows), _ROWS_PER_CALL):
-                self._client.upsert(self.where.collection, rows[start:start + _ROWS_PER_CALL])
+            for start in range(0, len(rows), ROWS_PER_CALL):
+                self._client.upsert(self.where.collection, rows[start:start + ROWS_PER_CALL])
         if replaced:
             self._delete(replaced)
         if rows:
@@ -356,16 +335,10 @@ class MilvusImageIndex:
         report.replaced = replaced
         return report
 
-    def _ids_at_paths(self, paths: Sequence[str], exclude: set[int] = frozenset()) -> list[int]:
-        ids: list[int] = []
-        for start in range(0, len(paths), 500):
-            ids += [int(r["id"]) for r in self._scan(in_list("path", paths[start:start + 500]), ["id"])]
-        return sorted(set(ids) - set(exclude))
-
     def _delete(self, ids: Sequence[int]) -> None:
         with milvus_errors(self.where, "removing images"):
-            for start in range(0, len(ids), _ROWS_PER_CALL):
-                self._client.delete(self.where.collection, ids=[int(i) for i in ids[start:start + _ROWS_PER_CALL]])
+            for start in range(0, len(ids), ROWS_PER_CALL):
+                self._client.delete(self.where.collection, ids=[int(i) for i in ids[start:start + ROWS_PER_CALL]])
         self.files.delete(ids)
 
     def _touch(self) -> None:
@@ -384,13 +357,13 @@ class MilvusImageIndex:
             rel = (relative_to_root(p, self.root) if self.root else None) if p.is_absolute() else p.as_posix()
             if rel:
                 paths.append(rel.rstrip("/"))
-        found = set(self._rows(sorted(ids), ["id"]))
+        found = set(self.rows.by_id(sorted(ids), ["id"]))
         for path in paths:
-            exact = self._ids_at_paths([path])
+            exact = self.rows.ids_at_paths([path])
             if exact:
                 found.update(exact)
                 continue
-            under = self._scan(f"path like {like_literal(path + '/', prefix=True)}", ["id", "path"])
+            under = self.rows.scan(f"path like {like_literal(path + '/', prefix=True)}", ["id", "path"])
             found.update(int(r["id"]) for r in under if r["path"].startswith(path + "/"))
         if not found:
             return 0
