@@ -5,12 +5,19 @@ structure to exploit): for each size and type, build time, memory, query latency
 k=10 for batch 1 and batch 64, and recall@10 against exact search, sweeping efSearch / nprobe.
 It uses index.backends, the code the ImageIndex itself runs.
 
+Milvus part (--store milvus): the same vectors through the Milvus index store (index/milvus, the
+code the service runs on a Milvus collection) against a milvus-lite server process on a
+loopback port, or the Milvus named by --milvus (e.g. the compose profile's standalone):
+build time (adds through the store until the HNSW index covers every row), recall@10 and
+query latency over gRPC, sweeping ef_search.
+
 End-to-end part: `clipforge index build` on a folder of images with an untrained checkpoint
 of a preset (decoding in worker processes), next to the forward pass alone on pre-decoded
 pixels: when the two rates are close, decoding is off the critical path.
 
     python bench/index_bench.py                                # 100k and 1M, all types, Flickr8k-1k
     python bench/index_bench.py --sizes 20000 --queries 200    # quick
+    python bench/index_bench.py --data realistic --sizes 100000 --types hnsw --store faiss milvus --skip-e2e
 Results: a table on stdout and bench/results/index_bench.json.
 """
 
@@ -18,9 +25,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import platform
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,7 +119,7 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
             xq = unit_vectors(args.queries, args.dim, seed=2, intrinsic=args.intrinsic_dim)
         ids = np.arange(n, dtype=np.int64)
         truth = None
-        for kind in args.types:
+        for kind in args.types if "faiss" in args.store else []:
             params = backends.IndexParams(
                 hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, nlist=args.nlist, pq_m=args.pq_m,
                 train_size=args.train_size, refine_k_factor=max(args.refine),
@@ -154,7 +166,7 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                 p50_1, p99_1 = time_queries(index, kind, query_params, xq, 1, runs1, **knobs)
                 p50_64, p99_64 = time_queries(index, kind, query_params, xq, 64, args.batch_runs, **knobs)
                 row = {
-                    "n": n, "dim": args.dim, "intrinsic_dim": args.intrinsic_dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
+                    "n": n, "dim": args.dim, "store": "faiss", "intrinsic_dim": args.intrinsic_dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
                     "rss_mib": round(mem, 1), "index_mib": round(size_mb, 1), "knob": knob, "value": value,
                     "refine_k_factor": factor,
                     "recall@10": round(rec, 4), "p50_ms_b1": round(p50_1, 3), "p99_ms_b1": round(p99_1, 3),
@@ -166,7 +178,111 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                       f"batch64 p50 {p50_64:8.2f} ms p99 {p99_64:8.2f} ms", flush=True)
             save(rows)
             del index, half
+        if "milvus" in args.store:
+            if truth is None:
+                exact = backends.new_index("flat", xb.shape[1], backends.IndexParams())[0]
+                backends.add(exact, xb, ids)
+                truth = backends.search(exact, "flat", xq, 10, {}, None)[1]
+                del exact
+            rows += bench_milvus(args, xb, xq, truth)
+            save(rows)
         del xb
+    return rows
+
+
+def _milvus_lite_server(data_dir: Path) -> tuple[str, subprocess.Popen]:
+    """milvus-lite's gRPC server in its own process on a free loopback port: (milvus://127.0.0.1:PORT, process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir), "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"milvus://127.0.0.1:{port}", proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("milvus-lite's server did not start")
+
+
+def _wait_indexed(idx, timeout_s: float = 3600.0) -> None:
+    """Flush, then wait until the vector index covers every row (Milvus builds it on sealed segments)."""
+    client, name = idx._client, idx.where.collection
+    client.flush(name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = client.describe_index(name, "vector")
+        if int(state.get("pending_index_rows", 0)) == 0 and int(state.get("indexed_rows", 0)) >= int(state.get("total_rows", 0)):
+            return
+        time.sleep(0.5)
+
+
+def bench_milvus(args: argparse.Namespace, xb: np.ndarray, xq: np.ndarray, truth: np.ndarray) -> list[dict]:
+    """The vectors through the Milvus index store: build, recall@10 and latency per ef_search."""
+    from index import NewImage
+    from index.milvus import MilvusImageIndex, content_id
+
+    work = Path(tempfile.mkdtemp(prefix="index-bench-milvus-"))
+    server, proc = (args.milvus, None) if args.milvus else _milvus_lite_server(work / "milvus.db")
+    n, dim = xb.shape
+    hashes = [hashlib.sha256(f"bench vector {i}".encode()).hexdigest() for i in range(n)]
+    position = {content_id(h): i for i, h in enumerate(hashes)}
+    rows: list[dict] = []
+    try:
+        params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction}
+        idx = MilvusImageIndex.create(f"{server}/bench_{n}_{os.getpid()}", "b" * 64, dim=dim, index_type="hnsw",
+                                      params=params)
+        t0 = time.perf_counter()
+        for start in range(0, n, args.milvus_batch):
+            stop = min(n, start + args.milvus_batch)
+            idx.add_embeddings(xb[start:stop], [NewImage(f"v/{i}", hashes[i], 1, 1) for i in range(start, stop)])
+        insert_s = time.perf_counter() - t0
+        _wait_indexed(idx)
+        build_s = time.perf_counter() - t0
+        print(f"milvus hnsw ({server}): {n:,} added through the store in {insert_s:.1f}s, indexed after "
+              f"{build_s:.1f}s", flush=True)
+
+        def ids_of(hits: list[list]) -> np.ndarray:
+            return np.array([[position.get(h.id, -1) for h in row] + [-1] * (10 - len(row)) for row in hits])
+
+        for ef in args.ef_search:
+            found = np.vstack([ids_of(idx.search_by_vector(xq[s:s + 100], 10, ef_search=ef))
+                               for s in range(0, len(xq), 100)])
+            rec = float(np.mean([len(set(a) & set(b)) / 10.0 for a, b in zip(found, truth)]))
+            timings = {}
+            for batch, runs in ((1, min(args.queries, args.single_runs)), (64, args.batch_runs)):
+                times = []
+                for r in range(runs):
+                    start = (r * batch) % max(1, len(xq) - batch + 1)
+                    t1 = time.perf_counter()
+                    idx.search_by_vector(xq[start:start + batch], 10, ef_search=ef)
+                    times.append(time.perf_counter() - t1)
+                timings[batch] = percentiles(times)
+            rows.append({
+                "n": n, "dim": dim, "intrinsic_dim": args.intrinsic_dim, "store": "milvus", "type": "hnsw",
+                "build_s": round(build_s, 2), "insert_s": round(insert_s, 2), "train_s": 0.0,
+                "rss_mib": float("nan"), "index_mib": float("nan"), "knob": "ef_search", "value": ef,
+                "refine_k_factor": None, "recall@10": round(rec, 4),
+                "p50_ms_b1": round(timings[1][0], 3), "p99_ms_b1": round(timings[1][1], 3),
+                "p50_ms_b64": round(timings[64][0], 3), "p99_ms_b64": round(timings[64][1], 3),
+                "params": params, "server": "milvus-lite server process" if proc else args.milvus,
+            })
+            print(f"  ef_search={ef:<14d} recall@10 {rec:.3f}  batch1 p50 {timings[1][0]:8.3f} ms p99 "
+                  f"{timings[1][1]:8.3f} ms   batch64 p50 {timings[64][0]:8.2f} ms p99 {timings[64][1]:8.2f} ms", flush=True)
+        idx._client.drop_collection(idx.where.collection)
+        idx._client.drop_collection(idx.where.collection + "__files")
+        idx.close()
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -238,6 +354,10 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--e2e-workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--store", nargs="+", choices=("faiss", "milvus"), default=["faiss"],
+                        help="index stores to measure on the vectors (milvus needs clipforge[milvus])")
+    parser.add_argument("--milvus", help="milvus://HOST:PORT to measure (default: a milvus-lite server started here)")
+    parser.add_argument("--milvus-batch", type=int, default=5000, help="vectors per add through the Milvus store")
     parser.add_argument("--skip-vectors", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_bench.json"))
@@ -262,12 +382,12 @@ def main() -> int:
             print(f"skipping end-to-end: {args.images} not found")
     out.write_text(json.dumps(report, indent=2))
     if report["vectors"]:
-        print("\n| n | type | setting | build s | +RSS MiB | recall@10 | b1 p50 ms | b1 p99 ms | b64 p50 ms | b64 p99 ms |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| n | store | type | setting | build s | +RSS MiB | recall@10 | b1 p50 ms | b1 p99 ms | b64 p50 ms | b64 p99 ms |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in report["vectors"]:
             setting = (f"{r['knob']}={r['value']}" if r["knob"] else "exact") + (
                 f" refine={r['refine_k_factor']}" if r.get("refine_k_factor") else "")
-            print(f"| {r['n']:,} | {r['type']} | {setting} | {r['build_s']} | {r['rss_mib']} | {r['recall@10']} | "
+            print(f"| {r['n']:,} | {r.get('store', 'faiss')} | {r['type']} | {setting} | {r['build_s']} | {r['rss_mib']} | {r['recall@10']} | "
                   f"{r['p50_ms_b1']} | {r['p99_ms_b1']} | {r['p50_ms_b64']} | {r['p99_ms_b64']} |")
     print(f"\nwrote {out}")
     return 0
