@@ -1,5 +1,5 @@
 """Encode throughput of a ViT-B/32-sized clipforge model: the torch path, its ONNX export under
-onnxruntime and, where interop.hf.export_hf exists, transformers' CLIPModel on the same weights.
+onnxruntime and transformers' CLIPModel (interop.hf_export's folder) on the same weights.
 
     python bench/interop_bench.py                                    # batch 1 and 32, 1 and 2 threads
     python bench/interop_bench.py --warmup 1 --iters 3 --batches 1 32 --threads 1 2
@@ -159,7 +159,7 @@ class OnnxRuntime(Impl):
 
 
 class Transformers(Impl):
-    """transformers' CLIPModel loaded from interop.hf.export_hf's folder of the same checkpoint."""
+    """transformers' CLIPModel loaded from interop.hf_export.export_hf's folder of the same checkpoint."""
 
     name = "transformers"
 
@@ -206,12 +206,10 @@ def build_impls(ckpt: Path, work_dir: Path, threads: list[int], *, onnx: bool, h
             skipped["onnxruntime"] = str(exc)
     if hf:
         try:
-            from interop.hf import (
-                export_hf,  # another engineer's module; absent in older checkouts
-            )
+            from interop.hf_export import NOTES_FILE, export_hf
 
             hf_dir = work_dir / "vit-b-32-hf"
-            if not _export_is_current(hf_dir / "clipforge_source.json", content_hash):
+            if not _export_is_current(hf_dir / NOTES_FILE, content_hash):
                 print("exporting to transformers (once per checkpoint) ...", flush=True)
                 export_hf(ckpt, hf_dir)
             impls.append(Transformers(hf_dir, impls[0].model.cfg.eot_token_id))
@@ -270,7 +268,7 @@ def versions() -> dict[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--ops", nargs="+", default=["image", "text"], choices=["image", "text"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from interop.hf_export import export_hf  # noqa: F401 - `from interop.hf import export_hf` (bench/interop_bench.py)
 from interop.hf_mapping import config_from_hf, load_transformers, state_from_hf
 from interop.hf_read import (
     check_layout,
