@@ -210,6 +210,12 @@ def test_image_bytes_are_served_from_the_collection(lite: str, tmp_path: Path, t
     idx.close()
 
 
+def clipforge_cli_clip(checkpoint: Path):  # -> CLIPInference, imported late like the CLI does
+    from model import CLIPInference
+
+    return CLIPInference.load(checkpoint)
+
+
 def test_index_commands_on_a_milvus_location(lite: str, tmp_path: Path, tiny_checkpoint: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     photos = tmp_path / "photos"
@@ -241,12 +247,28 @@ def test_index_commands_on_a_milvus_location(lite: str, tmp_path: Path, tiny_che
     (photos / "p9.png").write_bytes(png(29))
     code, out, _ = run("index", "add", location, str(photos / "p9.png"), str(photos / "p0.png"), "--quiet", "--workers", "0")
     assert code == 0 and "added 1 image(s)" in out and "1 duplicate(s)" in out
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png(31))
+    code, _, err = run("index", "add", location, str(outside), "--quiet", "--workers", "0")
+    assert code == 1 and "outside the index root" in err
+    code, out, _ = run("index", "add", location, str(outside), "--copy", "--quiet", "--workers", "0")
+    assert code == 0 and "added 1 image(s)" in out
+    outside.unlink()  # its bytes are in the collection
+    with open_index(location) as idx:
+        copied = idx.search_image(clipforge_cli_clip(tiny_checkpoint), png(31), k=1)[0]
+        assert copied.path.startswith("uploads/") and idx.resolve_path(copied.id).read_bytes() == png(31)
+        assert idx.remove([copied.id]) == 1
     code, out, _ = run("index", "remove", location, "sub")
     assert code == 0 and "removed 1 image(s)" in out and "5 image(s)" in out
     code, _, err = run("index", "rebuild", location, "--type", "flat")
     assert code == 2 and "cannot change a built index" in err
     code, _, err = run("index", "search", str(tmp_path / "nope"), "x", "--path-prefix", "a")
     assert code == 2 and len(err.strip().splitlines()) == 1
+    ImageIndex.create(tmp_path / "faiss", MODEL, dim=DIM).close()
+    code, _, err = run("index", "search", str(tmp_path / "faiss"), "x", "--caption-contains", "a")
+    assert code == 2 and "on the Milvus store only" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run("index", "search", location, "x", "--added-after", "last week")
+    assert code == 2 and "not a UTC time" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unreachable_server_and_bad_locations_are_one_line(tmp_path: Path, tiny_checkpoint: Path,
