@@ -101,11 +101,16 @@ def build_checkpoint(work_dir: Path) -> Path:
     return ckpt
 
 
-def _export_is_current(marker: Path, content_hash: str) -> bool:
+def _export_once(export: Callable[[Path, Path], Any], ckpt: Path, folder: Path, *, marker: str, what: str) -> Path:
+    """folder, exported from ckpt unless its marker file already names the checkpoint's content hash."""
     try:
-        return json.loads(marker.read_text()).get("content_hash") == content_hash
+        current = json.loads((folder / marker).read_text()).get("content_hash") == read_meta(ckpt)["content_hash"]
     except (OSError, ValueError):
-        return False
+        current = False
+    if not current:
+        print(f"exporting to {what} (once per checkpoint) ...", flush=True)
+        export(ckpt, folder)
+    return folder
 
 
 # --------------------------------------------------------------------------- the implementations
@@ -190,29 +195,22 @@ class Transformers(Impl):
 
 def build_impls(ckpt: Path, work_dir: Path, threads: list[int], *, onnx: bool, hf: bool) -> tuple[list[Impl], dict]:
     """clipforge always; onnxruntime and transformers where they can be built, with the reason where not."""
-    content_hash = read_meta(ckpt)["content_hash"]
     impls: list[Impl] = [Clipforge(ckpt)]
     skipped: dict[str, str] = {}
     if onnx:
         try:
             from interop.onnx_export import CONFIG, export_onnx
 
-            export_dir = work_dir / "vit-b-32-onnx"
-            if not _export_is_current(export_dir / CONFIG, content_hash):
-                print("exporting to ONNX (once per checkpoint) ...", flush=True)
-                export_onnx(ckpt, export_dir)
-            impls.append(OnnxRuntime(export_dir, threads))
+            folder = _export_once(export_onnx, ckpt, work_dir / "vit-b-32-onnx", marker=CONFIG, what="ONNX")
+            impls.append(OnnxRuntime(folder, threads))
         except (ImportError, ClipforgeError) as exc:
             skipped["onnxruntime"] = str(exc)
     if hf:
         try:
             from interop.hf_export import NOTES_FILE, export_hf
 
-            hf_dir = work_dir / "vit-b-32-hf"
-            if not _export_is_current(hf_dir / NOTES_FILE, content_hash):
-                print("exporting to transformers (once per checkpoint) ...", flush=True)
-                export_hf(ckpt, hf_dir)
-            impls.append(Transformers(hf_dir, impls[0].model.cfg.eot_token_id))
+            folder = _export_once(export_hf, ckpt, work_dir / "vit-b-32-hf", marker=NOTES_FILE, what="transformers")
+            impls.append(Transformers(folder, impls[0].model.cfg.eot_token_id))
         except (ImportError, ClipforgeError) as exc:
             skipped["transformers"] = str(exc)
     return impls, skipped
