@@ -291,3 +291,23 @@ def test_unreachable_server_and_bad_locations_are_one_line(tmp_path: Path, tiny_
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
     assert clipforge_cli.main(["index", "info", f"milvus://127.0.0.1:{port}/photos"]) == 2
     assert "server unavailable" in capsys.readouterr().err
+
+
+def test_a_milvus_lite_folder_held_by_another_process_is_one_line(lite: str, capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+    import sys
+
+    MilvusImageIndex.create(lite + "/held", MODEL, dim=DIM).close()
+    holder = subprocess.Popen(  # another process with the folder open, as a second service would be
+        [sys.executable, "-c", "import sys; from index.locations import open_index; "
+         f"idx = open_index({lite + '/held'!r}); print('open', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(clipforge_cli.__file__).parent)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert clipforge_cli.main(["index", "info", lite + "/held"]) == 2
+        err = capsys.readouterr().err
+        assert "another process may hold it" in err and "milvus-lite server --data-dir" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

@@ -93,8 +93,10 @@ def connect(where: MilvusLocation) -> MilvusClient:
             raise IndexStoreError("milvus-lite: locations need the milvus-lite package: pip install 'clipforge[milvus]'") from exc
         if not Path(where.uri).parent.is_dir():
             raise IndexStoreError(f"Milvus Lite folder {where.uri}: its parent folder does not exist")
-        # the Lite server runs in this process: grpc logs its unimplemented calls (which pymilvus tolerates) with tracebacks
-        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+        # the Lite server runs in this process: grpc logs its unimplemented calls (which pymilvus tolerates), and
+        # milvus-lite a folder it cannot lock, with tracebacks; the one-line errors below say what went wrong
+        for name in ("grpc._server", "milvus_lite"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with milvus_errors(where, "connecting"):
         try:
             client = MilvusClient(uri=where.uri, token=where.token, timeout=CONNECT_TIMEOUT_S)
