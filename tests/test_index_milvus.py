@@ -298,9 +298,10 @@ def test_a_milvus_lite_folder_held_by_another_process_is_one_line(lite: str, cap
     import sys
 
     MilvusImageIndex.create(lite + "/held", MODEL, dim=DIM).close()
+    script = ("import sys; from index.locations import open_index; "
+              f"idx = open_index({lite + '/held'!r}); print('open', flush=True); sys.stdin.read()")
     holder = subprocess.Popen(  # another process with the folder open, as a second service would be
-        [sys.executable, "-c", "import sys; from index.locations import open_index; "
-         f"idx = open_index({lite + '/held'!r}); print('open', flush=True); sys.stdin.read()"],
+        [sys.executable, "-c", script],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(clipforge_cli.__file__).parent)
     try:
         assert holder.stdout.readline().strip() == "open"
