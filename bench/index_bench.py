@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -87,15 +86,20 @@ def percentiles(times: list[float]) -> tuple[float, float]:
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
-def time_queries(index: faiss.Index, kind: str, params: dict, queries: np.ndarray, batch: int, runs: int, **knobs) -> tuple[float, float]:
+def timed_batches(search: Callable[[np.ndarray], object], queries: np.ndarray, batch: int, runs: int) -> tuple[float, float]:
+    """p50 and p99 milliseconds of `search` on `runs` consecutive batches of `batch` queries."""
     times = []
     for r in range(runs):
         start = (r * batch) % max(1, len(queries) - batch + 1)
         q = np.ascontiguousarray(queries[start : start + batch])
         t0 = time.perf_counter()
-        backends.search(index, kind, q, 10, params, None, **knobs)
+        search(q)
         times.append(time.perf_counter() - t0)
     return percentiles(times)
+
+
+def time_queries(index: faiss.Index, kind: str, params: dict, queries: np.ndarray, batch: int, runs: int, **knobs) -> tuple[float, float]:
+    return timed_batches(lambda q: backends.search(index, kind, q, 10, params, None, **knobs), queries, batch, runs)
 
 
 def recall_at_10(index: faiss.Index, kind: str, params: dict, queries: np.ndarray, truth: np.ndarray, **knobs) -> float:
@@ -209,11 +213,8 @@ def _milvus_lite_server(data_dir: Path) -> tuple[str, subprocess.Popen]:
 
 
 def _wait_indexed(idx, lite_dir: Path | None, timeout_s: float = 3600.0) -> None:
-    """Flush, then wait until the vector index covers every row (Milvus builds it on sealed segments, later).
-
-    A Milvus server reports pending rows; milvus-lite's describe_index always says finished, so
-    with our own milvus-lite server this waits for each data segment's HNSW file instead.
-    """
+    """Flush, then wait until the HNSW index covers every row: a Milvus server reports pending rows; milvus-lite's
+    describe_index always says finished, so with our own milvus-lite this waits for each segment's HNSW file."""
     client, name = idx._client, idx.where.collection
     client.flush(name)
     deadline = time.monotonic() + timeout_s
@@ -263,15 +264,8 @@ def bench_milvus(args: argparse.Namespace, xb: np.ndarray, xq: np.ndarray, truth
             found = np.vstack([ids_of(idx.search_by_vector(xq[s:s + 100], 10, ef_search=ef))
                                for s in range(0, len(xq), 100)])
             rec = float(np.mean([len(set(a) & set(b)) / 10.0 for a, b in zip(found, truth)]))
-            timings = {}
-            for batch, runs in ((1, min(args.queries, args.single_runs)), (64, args.batch_runs)):
-                times = []
-                for r in range(runs):
-                    start = (r * batch) % max(1, len(xq) - batch + 1)
-                    t1 = time.perf_counter()
-                    idx.search_by_vector(xq[start:start + batch], 10, ef_search=ef)
-                    times.append(time.perf_counter() - t1)
-                timings[batch] = percentiles(times)
+            timings = {batch: timed_batches(lambda q: idx.search_by_vector(q, 10, ef_search=ef), xq, batch, runs)  # noqa: B023
+                       for batch, runs in ((1, min(args.queries, args.single_runs)), (64, args.batch_runs))}
             rows.append({
                 "n": n, "dim": dim, "intrinsic_dim": args.intrinsic_dim, "store": "milvus", "type": "hnsw",
                 "build_s": round(build_s, 2), "insert_s": round(insert_s, 2), "train_s": 0.0,
@@ -283,16 +277,13 @@ def bench_milvus(args: argparse.Namespace, xb: np.ndarray, xq: np.ndarray, truth
             })
             print(f"  ef_search={ef:<14d} recall@10 {rec:.3f}  batch1 p50 {timings[1][0]:8.3f} ms p99 "
                   f"{timings[1][1]:8.3f} ms   batch64 p50 {timings[64][0]:8.2f} ms p99 {timings[64][1]:8.2f} ms", flush=True)
-        idx._client.drop_collection(idx.where.collection)
-        idx._client.drop_collection(idx.where.collection + "__files")
+        for name in (idx.where.collection, idx.where.collection + "__files"):
+            idx._client.drop_collection(name)
         idx.close()
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc is not None:  # its data folder goes with the work folder
+            proc.kill()
+            proc.wait()
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
