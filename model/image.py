@@ -113,7 +113,7 @@ def header_of(img: Image.Image, draft_size: int | None = None) -> ImageHeader:
     if draft_size and img.format == "JPEG" and len(getattr(img, "tile", ())) == 1:
         # JpegImageFile.draft: the largest of 8, 4, 2, 1 that keeps both sides >= the requested size
         reduce = min(w // draft_size, h // draft_size)
-        scale = next(s for s in (8, 4, 2, 1) if reduce >= s)
+        scale = next((s for s in (8, 4, 2, 1) if reduce >= s), 1)  # smaller than draft_size: no reduction
         w, h = (w + scale - 1) // scale, (h + scale - 1) // scale
     try:
         descriptor = ImageMode.getmode(img.mode)

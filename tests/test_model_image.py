@@ -23,7 +23,7 @@ from model import (
     open_image,
 )
 from model.config import CLIP_MEAN, CLIP_STD
-from model.image import to_rgb
+from model.image import read_header, to_rgb
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -193,6 +193,13 @@ def test_large_jpeg_uses_draft_decoding_and_gives_the_same_size() -> None:
     assert min(img.size) >= 64 and img.size[0] <= 500
     x = load_and_preprocess(data, ImageTransform(64, CLIP_MEAN, CLIP_STD))
     assert x.shape == (3, 64, 64)
+
+
+def test_jpeg_smaller_than_the_draft_size_is_priced_at_full_size() -> None:
+    data = _encode(Image.new("RGB", (1, 1), (30, 200, 60)), "JPEG")  # what schemathesis sent: a 1x1 JPEG
+    header = read_header(data, draft_size=224)
+    assert (header.width, header.height, header.decoded_bytes) == (1, 1, 3)
+    assert load_and_preprocess(data, ImageTransform(32, CLIP_MEAN, CLIP_STD)).shape == (3, 32, 32)
 
 
 # --------------------------------------------------------------------------- bad input
