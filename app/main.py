@@ -18,6 +18,7 @@ from .errors import install_error_handlers
 from .lifespan import lifespan
 from .limits import ServingLimits, load_limits
 from .middleware import AuthFirstMiddleware, BodyLimitMiddleware, JsonErrorsMiddleware, RequestContextMiddleware
+from .multipart_guard import MultipartGuardMiddleware
 from .openapi import DESCRIPTION, TAGS, install_openapi
 from .routers import classify, embed, images, search, similarity, system
 from .settings import Settings
@@ -42,6 +43,7 @@ def create_app(settings: Settings, limits: ServingLimits | None = None) -> FastA
     app.state.service = state
     install_error_handlers(app)
     # outermost last: request ids and logs, CORS, every error as JSON, the key, then the body's limits
+    app.add_middleware(MultipartGuardMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        idle_timeout_s=limits.body_idle_timeout_s, total_timeout_s=limits.body_timeout_s)
     app.add_middleware(AuthFirstMiddleware, router=app.router, settings=settings)
