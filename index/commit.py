@@ -54,6 +54,9 @@ def create_index_directory(
     params = backends.parse_params(params)
     backends.choose_type(index_type, 0)  # validates the name
     resolve_inside(Path("/"), uploads)  # a plain relative folder name
+    first = Path(uploads).parts[0] if Path(uploads).parts else "."
+    if first.startswith((".", "gen-")) or first == store.CURRENT:  # the index's own entries
+        raise IndexStoreError(f"uploads folder {uploads!r} would mix with the index's own files; name another")
     directory.mkdir(parents=True, exist_ok=True)
     root_path = Path(root).expanduser() if root is not None else directory
     if not root_path.is_dir():
@@ -64,7 +67,7 @@ def create_index_directory(
     index, resolved = backends.new_index(kind, dim, params)
     manifest = Manifest(
         model_id=model_id, dim=dim, index_type=kind, requested_type=index_type, params=resolved,
-        root=root_str, uploads=uploads, generation=1,
+        root=root_str, uploads=uploads, uploads_in_index=True, generation=1,
         checkpoint_path=str(Path(checkpoint_path).resolve()) if checkpoint_path else None,
     )
     with FileLock(str(directory / store.LOCK), timeout=lock_timeout):

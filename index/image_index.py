@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -28,6 +29,7 @@ from . import backends, store
 from .additions import (
     AddTarget,
     EmbedOptions,
+    FileToAdd,
     PendingImage,
     files_to_add,
     ingest,
@@ -52,7 +54,13 @@ from .snapshot import (
     verify_snapshot,
 )
 from .types import AddReport, NewImage, SearchResult
-from .uploads import delete_uploads, store_upload
+from .uploads import (
+    UploadsLayout,
+    has_pending,
+    journal_deletions,
+    settle_pending,
+    store_uploads,
+)
 
 if TYPE_CHECKING:
     from model import CLIPInference
@@ -90,7 +98,7 @@ class ImageIndex:
         """A new, empty index directory for embeddings of `clip` (or of model id + dim).
 
         root is the folder stored paths are relative to (default: the index folder itself);
-        add_bytes stores files in root/uploads.
+        add_bytes (and add_files with copy_outside_root) stores files in path/uploads, inside the index.
         """
         model_id, dim = _model_identity(clip, dim)
         directory = Path(path)
@@ -115,7 +123,27 @@ class ImageIndex:
         idx = cls(directory, load_snapshot(directory, mmap), lock_timeout)
         if model_id is not None:
             idx.check_model(model_id)
+        if has_pending(directory):
+            idx._settle_if_free()
         return idx
+
+    def _settle_if_free(self) -> None:
+        """Clean up after a writer that crashed between storing a file and committing it, unless one is writing."""
+        try:
+            with self._thread_lock, self._file_lock.acquire(timeout=0):
+                self._settle_uploads()
+        except (Timeout, OSError, IndexStoreError):  # a live writer (which settles it), a read-only copy, or a
+            pass  # journal the next write reports: opening to read does not depend on the clean-up
+
+    def _settle_uploads(self) -> list[str]:
+        """Unlink the journalled files the live generation does not refer to (the write lock is held).
+
+        Live means on disk: a commit that published and then failed (or was interrupted) before this object
+        took it up would otherwise have its new files judged against the generation before it.
+        """
+        if store.read_current(self.directory) != self._state.generation:
+            self._state = load_snapshot(self.directory, self._mmap)
+        return settle_pending(self._uploads, lambda rels: self._state.db.ids_by_path(rels).keys())
 
     def close(self) -> None:
         """Release the database handle; the object is unusable afterwards."""
@@ -154,8 +182,14 @@ class ImageIndex:
         return (root if root.is_absolute() else self.directory / root).resolve()
 
     @property
+    def _uploads(self) -> UploadsLayout:
+        m = self._state.manifest
+        return UploadsLayout(self.directory.resolve(), self.root, m.uploads, m.uploads_in_index)
+
+    @property
     def uploads_dir(self) -> Path:
-        return self.root / self._state.manifest.uploads
+        """The folder of the files the index stores itself: in the index directory, or the root for older indexes."""
+        return self._uploads.path
 
     def __len__(self) -> int:
         return self._state.manifest.count
@@ -198,7 +232,7 @@ class ImageIndex:
         record = self.get(image_id)
         if record is None:
             raise IndexStoreError(f"no image with id {image_id} in the index")
-        return resolve_inside(self.root, record.path)
+        return self._uploads.resolve(record.path)
 
     def search_by_vector(
         self, vectors: np.ndarray, k: int, min_score: float | None = None, *,
@@ -230,7 +264,11 @@ class ImageIndex:
                 with self._file_lock.acquire(timeout=self._lock_timeout):
                     if store.read_current(self.directory) != self._state.generation:
                         self._state = load_snapshot(self.directory, self._mmap)
-                    yield
+                    self._settle_uploads()  # what a crashed writer left
+                    try:
+                        yield
+                    finally:
+                        self._settle_uploads()  # this write's files: kept if committed, else unlinked
             except Timeout as exc:
                 raise IndexStoreError(
                     f"index {self.directory} is locked by another writer (waited {self._lock_timeout:.0f}s)"
@@ -256,7 +294,8 @@ class ImageIndex:
         if captions is not None and len(captions) != len(paths):
             raise IndexStoreError(f"{len(captions)} captions for {len(paths)} files")
         files, failed = files_to_add(paths, captions, root=self.root, copy_outside_root=copy_outside_root)
-        report = AddReport(failed=failed)
+        files, shadowed = self._unshadowed(files, copy_outside_root)
+        report = AddReport(failed=failed + shadowed)
         options = EmbedOptions(
             batch_size=batch_size, workers=workers, progress=progress, max_bytes=max_bytes, commit_every=commit_every,
         )
@@ -266,10 +305,26 @@ class ImageIndex:
         ))
         return report
 
+    def _unshadowed(self, files: list[FileToAdd], copy: bool) -> tuple[list[FileToAdd], list[tuple[str, str]]]:
+        """Root files under ROOT/uploads, whose record path would name this index's own folder: copied or refused."""
+        layout = self._uploads
+        kept: list[FileToAdd] = []
+        refused: list[tuple[str, str]] = []
+        for f in files:
+            if f.rel is None or not layout.shadows(f.rel):
+                kept.append(f)
+            elif copy:
+                kept.append(replace(f, rel=None))  # into the index's own uploads, under a content-derived name
+            else:
+                why = (f"under {layout.prefix} in the root, where older indexes kept their uploads; this index "
+                       f"keeps its own in {layout.path}: move the file, or copy it in (--copy)")
+                refused.append((f.name, why))
+        return kept, refused
+
     def add_bytes(
         self, clip: CLIPInference, items: Sequence[tuple[str, bytes, str | None]], *, max_bytes: int | None = None
     ) -> AddReport:
-        """Add uploaded images (filename, content, caption): stored under root/uploads, then indexed."""
+        """Add uploaded images (filename, content, caption): stored in the uploads folder (`uploads_dir`), then indexed."""
         self.check_model(clip)
         return ingest(
             clip, [content for _, content, _ in items], pending_for=pending_uploads(items, self._state.manifest.uploads),
@@ -292,9 +347,7 @@ class ImageIndex:
             report = AddReport(duplicates=selected.duplicates)
             if not selected.fresh:
                 return report
-            for p in selected.fresh:
-                if p.upload is not None:
-                    store_upload(self.root, p.image.path, p.upload)
+            store_uploads(self._uploads, [(p.image.path, p.upload) for p in selected.fresh if p.upload is not None])
             start = self._state.manifest.next_id
             ids = np.arange(start, start + len(selected.fresh), dtype=np.int64)
             vectors = normalise_vectors(np.stack([p.vector for p in selected.fresh]), self.dim)
@@ -308,17 +361,17 @@ class ImageIndex:
         return report
 
     def remove(self, targets: Iterable[int | str | Path]) -> int:
-        """Remove images by id, by path (relative to the root, or absolute inside it) or by folder; returns how many."""
-        targets = list(targets)
+        """Remove images by id, by path or by folder (relative to the root, or absolute inside it or inside the
+        index's own uploads folder); returns how many."""
         with self._writing():
-            records = records_to_remove(self._state, self.root, targets)
+            mapped = [self._uploads.removal_target(t) for t in targets]
+            records = records_to_remove(self._state, self.root, [t for t in mapped if t is not None])
             if not records:
                 return 0
-            uploads = self._state.manifest.uploads
             remove_ids = np.array(sorted(records), dtype=np.int64)
+            journal_deletions(self._uploads, records.values())  # files we stored ourselves go with their entry,
             self._swap(commit_generation(self.directory, self._state, remove_ids=remove_ids))
-            delete_uploads(self.root, uploads, records.values())  # files we stored ourselves go with their entry
-            return len(records)
+            return len(records)  # unlinked when the write settles, now that no live record refers to them
 
     def rebuild(self, index_type: str | None = None, params: IndexParams | dict[str, Any] | None = None) -> None:
         """Re-index the stored vectors (compacts tombstones; can change the type or its parameters)."""

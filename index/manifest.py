@@ -25,7 +25,10 @@ class Manifest:
     requested_type: str  # auto | flat | hnsw | ivfpq: what the user asked for
     params: dict[str, Any]
     root: str  # images root: relative to the index directory when inside it, else absolute
-    uploads: str = "uploads"  # folder under root where add_bytes stores files
+    uploads: str = "uploads"  # the folder of the files the index stores itself (add_bytes, --copy)
+    # True: that folder is in the index directory, so a copy of the folder is independent (every index made
+    # since issue 16); False, or absent from an older manifest: it is under the root, as those were made
+    uploads_in_index: bool = False
     count: int = 0
     tombstones: int = 0
     next_id: int = 1
