@@ -111,27 +111,29 @@ async def drive(port: int, requests: list[bytes], concurrency: int) -> dict:
     async def worker() -> None:
         nonlocal errors
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        while queue:
-            raw = queue.pop()
-            started = time.perf_counter()
-            try:
-                if conn is None:
-                    conn = await asyncio.open_connection("127.0.0.1", port)
-                status, keep = await _exchange(*conn, raw)
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-                errors += 1
-                if conn is not None:
+        try:
+            while queue:
+                raw = queue.pop()
+                started = time.perf_counter()
+                try:
+                    if conn is None:
+                        conn = await asyncio.open_connection("127.0.0.1", port)
+                    status, keep = await _exchange(*conn, raw)
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    errors += 1
+                    if conn is not None:
+                        conn[1].close()
+                    conn = None
+                    continue
+                latencies.append(time.perf_counter() - started)
+                if status != 200:
+                    errors += 1
+                if not keep:
                     conn[1].close()
-                conn = None
-                continue
-            latencies.append(time.perf_counter() - started)
-            if status != 200:
-                errors += 1
-            if not keep:
+                    conn = None
+        finally:  # also when run_drive's time bound cancels the round
+            if conn is not None:
                 conn[1].close()
-                conn = None
-        if conn is not None:
-            conn[1].close()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
