@@ -141,7 +141,7 @@ def _write_metadata(
 def commit_generation(
     directory: Path, snapshot: Snapshot, *, vectors: np.ndarray | None = None, ids: np.ndarray | None = None,
     records: Sequence[ImageRecord] = (), remove_ids: np.ndarray | None = None, force_kind: str | None = None,
-    requested: str | None = None, params: IndexParams | None = None,
+    requested: str | None = None, params: IndexParams | None = None, uploads_in_index: bool | None = None,
 ) -> Snapshot:
     """Write and publish the generation after `snapshot` and return it; removals are ids already indexed.
 
@@ -189,6 +189,7 @@ def commit_generation(
             m, index_type=target, requested_type=requested, params=resolved, count=count,
             tombstones=len(new_tombstones), next_id=max(m.next_id, int(ids.max()) + 1 if len(ids) else 0),
             generation=generation, updated=utc_timestamp(),
+            uploads_in_index=m.uploads_in_index if uploads_in_index is None else uploads_in_index,
         )
         gen_dir = _publish(directory, staging, manifest)
     except BaseException:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -29,7 +28,6 @@ from . import backends, store
 from .additions import (
     AddTarget,
     EmbedOptions,
-    FileToAdd,
     PendingImage,
     files_to_add,
     ingest,
@@ -56,9 +54,11 @@ from .snapshot import (
 from .types import AddReport, NewImage, SearchResult
 from .uploads import (
     UploadsLayout,
+    copy_into_index,
     has_pending,
     journal_deletions,
     settle_pending,
+    split_shadowed,
     store_uploads,
 )
 
@@ -265,6 +265,8 @@ class ImageIndex:
                     if store.read_current(self.directory) != self._state.generation:
                         self._state = load_snapshot(self.directory, self._mmap)
                     self._settle_uploads()  # what a crashed writer left
+                    if not self._state.manifest.uploads_in_index:
+                        self._adopt_uploads()
                     try:
                         yield
                     finally:
@@ -273,6 +275,12 @@ class ImageIndex:
                 raise IndexStoreError(
                     f"index {self.directory} is locked by another writer (waited {self._lock_timeout:.0f}s)"
                 ) from exc
+
+    def _adopt_uploads(self) -> None:
+        """An older index's first write moves its uploads into its own folder, so its copies stop sharing them."""
+        db, folder = self._state.db, self._state.manifest.uploads
+        copy_into_index(self._uploads, [r.path for r in db.get_many(db.ids_under(folder)).values()])
+        self._swap(commit_generation(self.directory, self._state, uploads_in_index=True))
 
     def _add_target(self) -> AddTarget:
         return AddTarget(
@@ -294,7 +302,7 @@ class ImageIndex:
         if captions is not None and len(captions) != len(paths):
             raise IndexStoreError(f"{len(captions)} captions for {len(paths)} files")
         files, failed = files_to_add(paths, captions, root=self.root, copy_outside_root=copy_outside_root)
-        files, shadowed = self._unshadowed(files, copy_outside_root)
+        files, shadowed = split_shadowed(self._uploads, files, copy=copy_outside_root)
         report = AddReport(failed=failed + shadowed)
         options = EmbedOptions(
             batch_size=batch_size, workers=workers, progress=progress, max_bytes=max_bytes, commit_every=commit_every,
@@ -304,22 +312,6 @@ class ImageIndex:
             target=self._add_target(), options=options,
         ))
         return report
-
-    def _unshadowed(self, files: list[FileToAdd], copy: bool) -> tuple[list[FileToAdd], list[tuple[str, str]]]:
-        """Root files under ROOT/uploads, whose record path would name this index's own folder: copied or refused."""
-        layout = self._uploads
-        kept: list[FileToAdd] = []
-        refused: list[tuple[str, str]] = []
-        for f in files:
-            if f.rel is None or not layout.shadows(f.rel):
-                kept.append(f)
-            elif copy:
-                kept.append(replace(f, rel=None))  # into the index's own uploads, under a content-derived name
-            else:
-                why = (f"under {layout.prefix} in the root, where older indexes kept their uploads; this index "
-                       f"keeps its own in {layout.path}: move the file, or copy it in (--copy)")
-                refused.append((f.name, why))
-        return kept, refused
 
     def add_bytes(
         self, clip: CLIPInference, items: Sequence[tuple[str, bytes, str | None]], *, max_bytes: int | None = None

@@ -3,27 +3,32 @@ index refers to them, deleted together with their entry, and never left behind b
 
 Where they live: an index made since issue 16 keeps them in INDEX/uploads (its manifest says
 uploads_in_index), so a `cp -a` of the index folder is a fully independent index; an older one
-keeps them in ROOT/uploads, read and written there as before. Their record paths are the same
+reads them from ROOT/uploads until its first write copies them in (below). Their record paths are the same
 "uploads/NAME" either way; `UploadsLayout` says which folder such a path is in.
 
 Crash safety: before a file is written (or an entry's file deleted) its record path is appended
 to INDEX/.uploads-pending and fsynced. After the commit the journal is settled: a path the live
 generation refers to is kept, any other is unlinked with its temporary siblings. A crash between
 the two leaves the journal, and the next writer, or the next open that finds the lock free,
-settles it, so a file written for a commit that never happened does not stay forever. Each entry
-names the index folder that wrote it: a copy of an older index, whose uploads folder it shares
-with the original, drops a journal it inherited without deleting anything.
+settles it, so a file written for a commit that never happened does not stay forever. (Each entry
+also names the index folder that wrote it, for whoever reads a journal by hand.)
+
+An older index's first write copies its files into INDEX/uploads and commits uploads_in_index
+before it does anything else (`copy_into_index`), so it only ever journals, writes and deletes
+in its own folder. The originals under the root are left alone: a copy of that index, or another
+index over the same root, may still read them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from model.fileio import fsync_path, write_atomic
 
+from .additions import FileToAdd
 from .errors import IndexStoreError
 from .files import relative_to_root, resolve_inside
 from .metadata import ImageRecord
@@ -134,12 +139,8 @@ def settle_pending(layout: UploadsLayout, referenced: Callable[[list[str]], Iter
     except (OSError, UnicodeDecodeError) as exc:
         raise IndexStoreError(f"cannot read {journal}: {exc}") from exc
     rels = sorted({line for line in lines if not line.startswith("@")})
-    writers = {line[1:] for line in lines if line.startswith("@")}
-    # A copy of an older index (uploads under the shared root) holding the original's journal: the files
-    # named there may be the original's, committed after the copy was taken, so they are not ours to delete.
-    foreign = not layout.in_index and bool(writers - {os.path.realpath(layout.directory)})
     live = set(referenced(rels))
-    orphans = [] if foreign else [rel for rel in rels if rel not in live and layout.owns(rel)]
+    orphans = [rel for rel in rels if rel not in live and layout.owns(rel)]
     for rel in orphans:
         try:
             _unlink(layout.resolve(rel))
@@ -148,3 +149,43 @@ def settle_pending(layout: UploadsLayout, referenced: Callable[[list[str]], Iter
     journal.unlink(missing_ok=True)
     fsync_path(layout.directory)
     return orphans
+
+
+def copy_into_index(layout: UploadsLayout, rels: Iterable[str]) -> None:
+    """Copy an older index's stored files from ROOT/uploads into INDEX/uploads, each whole (the originals stay).
+
+    Run before the commit that flips uploads_in_index: a crash leaves complete copies nothing reads yet,
+    which the next attempt reuses. A file already missing stays missing (its record is left as it was).
+    """
+    moved = replace(layout, in_index=True)
+    for rel in rels:
+        if not layout.owns(rel):
+            continue
+        try:
+            source, target = layout.resolve(rel), moved.resolve(rel)
+        except IndexStoreError:
+            continue  # a path that no longer resolves inside its folder: left as it was
+        if source == target or not source.is_file():
+            continue
+        if target.is_file() and target.stat().st_size == source.stat().st_size:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, source.read_bytes())
+
+
+def split_shadowed(
+    layout: UploadsLayout, files: list[FileToAdd], *, copy: bool,
+) -> tuple[list[FileToAdd], list[tuple[str, str]]]:
+    """Root files under ROOT/uploads, whose record path would name this index's own folder: copied or refused."""
+    kept: list[FileToAdd] = []
+    refused: list[tuple[str, str]] = []
+    for f in files:
+        if f.rel is None or not layout.shadows(f.rel):
+            kept.append(f)
+        elif copy:
+            kept.append(replace(f, rel=None))  # into the index's own uploads, under a content-derived name
+        else:
+            why = (f"under {layout.prefix} in the root, where older indexes kept their uploads; this index "
+                   f"keeps its own in {layout.path}: move the file, or copy it in (--copy)")
+            refused.append((f.name, why))
+    return kept, refused
