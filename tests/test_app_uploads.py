@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from test_app_support import API_KEY, live_server, shape_image
-from test_index_uploads import as_older_index
+from test_index_uploads import older_index_with_an_upload
 
 from app.main import create_app
 from app.multipart_guard import ascii_compatible
@@ -170,24 +170,25 @@ def test_a_copied_index_is_independent_of_the_original(tiny_checkpoint: Path, tm
         assert c.get(f"/images/{upload_id}").status_code == 200 and c.get("/info").json()["index"]["size"] == 2
 
 
-def test_an_older_index_keeps_its_uploads_under_the_root(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_an_older_index_serves_its_uploads_and_its_first_write_moves_them_in(tiny_checkpoint: Path,
+                                                                            tmp_path: Path) -> None:
     clip = CLIPInference.load(tiny_checkpoint)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    directory = tmp_path / "old"
-    ImageIndex.create(directory, clip, root=photos).close()
-    as_older_index(directory)
+    directory, stored, image_id, content = older_index_with_an_upload(clip, tmp_path)
+    photos = stored.parent.parent
     settings = Settings(checkpoint=tiny_checkpoint, index=directory, api_keys=[API_KEY])
     with TestClient(create_app(settings)) as c:
-        r = c.post("/images", files={"images": ("old.png", shape_image(size=40))}, headers=AUTH)
+        assert c.get(f"/images/{image_id}").content == content  # read from ROOT/uploads, as it was stored
+        assert not (directory / "uploads").exists()  # opening and reading change nothing
+        r = c.post("/images", files={"images": ("new.png", shape_image("circle", size=40))}, headers=AUTH)
         assert r.status_code == 200, r.text
-        image_id = r.json()["added"][0]["id"]
-        assert c.get(f"/images/{image_id}").status_code == 200
-    assert len(list((photos / "uploads").iterdir())) == 1 and not (directory / "uploads").exists()
+        new_id = r.json()["added"][0]["id"]
+        assert c.get(f"/images/{image_id}").content == content and c.get(f"/images/{new_id}").status_code == 200
+    assert len(list((directory / "uploads").iterdir())) == 2  # both in the index folder now
+    assert [p.name for p in (photos / "uploads").iterdir()] == [stored.name]  # the original left in place
 
     # a new index over that root: the old uploads folder would read as its own, so it is copied in or refused
     new = ImageIndex.create(tmp_path / "new", clip, root=photos)
-    old_upload = next((photos / "uploads").iterdir())
+    old_upload = stored
     report = new.add_files(clip, [old_upload])
     assert report.added == [] and "where older indexes kept their uploads" in report.failed[0][1]
     copied = new.add_files(clip, [old_upload], copy_outside_root=True)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,12 +200,25 @@ def test_kill_9_while_uploading_leaves_exactly_the_files_the_index_refers_to(tin
     assert len(acked_add) > 0
 
 
-def as_older_index(directory: Path) -> None:
-    """Rewrite the live manifest as an index made before uploads moved into the index folder."""
+def as_older_index(directory: Path, root: Path) -> None:
+    """Turn an index into one as made before issue 16: its stored files under ROOT/uploads, no uploads_in_index."""
+    if (directory / "uploads").exists():
+        shutil.move(directory / "uploads", root / "uploads")
     manifest = directory / index_store.gen_name(index_store.read_current(directory)) / index_store.MANIFEST_FILE
     data = json.loads(manifest.read_text())
     del data["uploads_in_index"]
     manifest.write_text(json.dumps(data))
+
+
+def older_index_with_an_upload(clip: CLIPInference, tmp_path: Path) -> tuple[Path, Path, int, bytes]:
+    """An older index over tmp_path/photos holding one upload (in photos/uploads): its folder, the file, id, bytes."""
+    photos, directory, content = tmp_path / "photos", tmp_path / "old", shape_image("square", "green", size=40)
+    photos.mkdir()
+    with ImageIndex.create(directory, clip, root=photos) as idx:
+        image_id = idx.add_bytes(clip, [("old.png", content, None)]).added[0]
+    as_older_index(directory, photos)
+    (stored,) = (photos / "uploads").iterdir()
+    return directory, stored, image_id, content
 
 
 
@@ -226,26 +240,36 @@ def test_an_upload_is_removed_by_its_path_in_the_index_folder_not_by_a_root_file
 
 
 def test_a_copy_of_an_older_index_never_deletes_the_originals_uploads(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """An older index shares ROOT/uploads with its copies: a journal the copy inherited is not the copy's to act on."""
+    """An older index's copies share ROOT/uploads with it: a copy's first write takes its own copies first."""
     clip = CLIPInference.load(tiny_checkpoint)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    original = tmp_path / "old"
-    ImageIndex.create(original, clip, root=photos).close()
-    as_older_index(original)
-    image = tmp_path / "up.png"
-    image.write_bytes(shape_image("square", "green", size=40))
-    crash(tmp_path, original, tiny_checkpoint, "add", str(image))  # file written under the root, never committed
-    (orphan,) = (photos / "uploads").iterdir()
-    subprocess.run(["cp", "-a", str(original), str(tmp_path / "copy")], check=True)  # journal and all
-    with ImageIndex.open(original) as idx:  # the original cleans up, then commits the same upload for real
-        assert not orphan.exists()
-        image_id = idx.add_bytes(clip, [("crash.png", image.read_bytes(), None)]).added[0]
-        assert idx.resolve_path(image_id) == orphan.resolve()
-    with ImageIndex.open(tmp_path / "copy") as copy:  # settles the inherited journal: drops it, deletes nothing
-        assert len(copy) == 0 and not (tmp_path / "copy" / PENDING).exists()
+    original, stored, image_id, content = older_index_with_an_upload(clip, tmp_path)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
+    with ImageIndex.open(copy) as idx:
+        assert idx.resolve_path(image_id) == stored.resolve()  # read where the older index keeps it
+        assert idx.remove([image_id]) == 1 and len(idx) == 0  # the write moved it in, then removed its own copy
+        assert not (copy / "uploads" / stored.name).exists()
+    assert stored.read_bytes() == content  # the original's file is untouched
     with ImageIndex.open(original) as idx:
-        assert idx.resolve_path(image_id).read_bytes() == image.read_bytes()
+        assert idx.resolve_path(image_id).read_bytes() == content
+
+
+def test_a_crash_while_an_older_index_moves_its_uploads_in_loses_nothing(tiny_checkpoint: Path,
+                                                                         tmp_path: Path) -> None:
+    clip = CLIPInference.load(tiny_checkpoint)
+    directory, stored, image_id, content = older_index_with_an_upload(clip, tmp_path)
+    new_image = tmp_path / "new.png"
+    new_image.write_bytes(shape_image("circle", "red", size=40))
+    crash(tmp_path, directory, tiny_checkpoint, "add", str(new_image))  # killed at the move's commit
+    assert (directory / "uploads" / stored.name).read_bytes() == content  # copied, not yet in use
+    with ImageIndex.open(directory) as idx:
+        assert idx.resolve_path(image_id) == stored.resolve() and len(idx) == 1  # still the older layout
+        new_id = idx.add_bytes(clip, [("new.png", new_image.read_bytes(), None)]).added[0]
+        assert idx.uploads_dir == (directory / "uploads").resolve()
+        assert idx.resolve_path(image_id).read_bytes() == content and idx.resolve_path(image_id).parent == idx.uploads_dir
+        assert idx.resolve_path(new_id).read_bytes() == new_image.read_bytes()
+        assert sorted(p.name for p in idx.uploads_dir.iterdir()) == sorted(Path(r.path).name for r in idx.records())
+    assert stored.read_bytes() == content  # the original under the root is never deleted
 
 
 def test_the_uploads_folder_cannot_take_the_name_of_the_index_own_files(tmp_path: Path) -> None:
