@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .limits import ServingLimits
     from .settings import Settings
 
 
@@ -17,6 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .lifespan import load_service
+    from .limits import load_limits
     from .logs import configure_logging
     from .main import create_app
     from .settings import load_settings
@@ -26,20 +28,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device, threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         protect_reads=args.protect_reads, cors_origins=args.cors_origin, log_level=args.log_level,
     )
+    limits = load_limits()
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    app = create_app(settings, limits)
     load_service(app.state.service)  # a bad checkpoint or index fails here with one clear line, before binding
-    uvicorn.run(app, **uvicorn_options(settings))
+    uvicorn.run(app, **uvicorn_options(settings, limits))
     return 0
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn.run's keywords for these settings.
+def uvicorn_options(settings: Settings, limits: ServingLimits | None = None) -> dict[str, Any]:
+    """uvicorn.run's keywords for these settings (and limits: the CLIPFORGE_* environment's by default).
 
     The shutdown timeout passes through as given (uvicorn hands it to asyncio.wait_for, which takes
-    any float): rounding it down would turn 0.5 into 0, which uvicorn reads as "wait forever".
+    any float): rounding it down would turn 0.5 into 0, which uvicorn reads as "wait forever". The
+    protocol is h11 with app/connections.py's head deadline and connection cap.
     """
+    from .connections import protocol_for
+    from .limits import load_limits
+
+    limits = limits if limits is not None else load_limits()
     return {
+        "http": protocol_for(limits),
         "host": settings.host, "port": settings.port, "log_config": None, "access_log": False, "lifespan": "on",
         "timeout_graceful_shutdown": settings.shutdown_timeout_s, "server_header": False,
         "h11_max_incomplete_event_size": settings.max_head_bytes,

@@ -21,6 +21,7 @@ from model.errors import ClipforgeError, ImageError, ImageTooLargeError
 from .batching import QueueFull
 from .forms import FormError
 from .messages import public_message
+from .route_table import reachable_routes
 from .schemas import ErrorResponse
 
 log = logging.getLogger("clipforge.app")
@@ -87,7 +88,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 def _allowed_methods(request: Request) -> str:
     """Every method some route serves at this path (Starlette names only the first route's)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in reachable_routes(request.app.router.routes):
         if route.matches(request.scope)[0] is not Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
     return ", ".join(sorted(methods))
@@ -112,7 +113,14 @@ async def _overloaded(request: Request, exc: QueueFull) -> JSONResponse:
     return error_json(503, "overloaded", str(exc), headers={"Retry-After": str(retry_after)})
 
 
+# seconds a client waits before retrying when the index store (a Milvus server) does not answer
+INDEX_RETRY_AFTER_S = 5
+
+
 async def _clipforge_error(request: Request, exc: ClipforgeError) -> JSONResponse:
+    # index.errors.IndexUnavailableError (read by its flag: a service without an index never imports index/)
+    if getattr(exc, "unavailable", False):  # the store is down, not the request wrong: every route alike
+        return error_json(503, "index_unavailable", str(exc), headers={"Retry-After": str(INDEX_RETRY_AFTER_S)})
     if isinstance(exc, ImageError):
         err = image_error(exc)
         return error_json(err.status, err.code, err.message)

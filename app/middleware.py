@@ -26,6 +26,7 @@ from .errors import HTTP_CODES, ApiError
 from .logs import request_id_var
 from .messages import public_message
 from .metrics import ServiceMetrics
+from .route_table import reachable_routes
 from .settings import Settings
 
 log = logging.getLogger("clipforge.access")
@@ -123,7 +124,7 @@ class AuthFirstMiddleware:
         self._checks: dict[int, Callable[..., None] | None] = {}
 
     def _route(self, scope: Scope) -> BaseRoute | None:
-        for route in self.router.routes:
+        for route in reachable_routes(self.router.routes):
             if route.matches(scope)[0] is Match.FULL:
                 return route
         return None
