@@ -4,7 +4,9 @@ All three serve THE SAME WEIGHTS: a ViT-B/32-sized transformers CLIPModel with r
 (bench/peer_weights.py), loaded by infinity (`infinity_emb v2 --model-id DIR`) and clip-retrieval
 (`hf_clip:DIR`) as it is, and by clipforge after `clipforge model import hf:DIR`; the bench checks
 that by comparing their embeddings of the same inputs (in process, over HTTP, and clip-retrieval's
-stored index vectors), each beside the cosine of different inputs. Each peer runs from its own
+stored index vectors), each beside the cosine of different inputs. clipforge is measured twice:
+its default torch path, and `clipforge serve --onnx` on its own ONNX export of the same checkpoint
+(`clipforge model export CKPT --to onnx:DIR`; --no-onnx skips it); each gets its own goal verdicts. Each peer runs from its own
 bench-only virtual environment (bench/peer_venvs.sh builds them under .cache/peers; never a
 project dependency). Every server binds 127.0.0.1, gets the same thread count (OMP_NUM_THREADS /
 MKL_NUM_THREADS, and clipforge's --threads) and batch limit, and every measurement alternates
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -76,6 +79,7 @@ from peer_weights import (
     agreement,
     build_hf_folder,
     check_agreement,
+    export_onnx,
     import_checkpoint,
 )
 from service_bench import summarise
@@ -105,10 +109,12 @@ def measure(servers: list[Server], images: list[bytes], args: argparse.Namespace
             for s in offering:
                 row = {"endpoint": endpoint, "server": s.name, "concurrency": conc, **summarise(parts[s.name]),
                        "peak_rss_mib": peak_rss_mib(s.proc.pid),
-                       "timed_out_rounds": sum(1 for p in parts[s.name] if p.get("timed_out"))}
+                       "timed_out_rounds": sum(1 for p in parts[s.name] if p.get("timed_out")),
+                       "load_average_1m": load_average()[0]}
                 rows.append(row)
                 print(f"{endpoint:15s} {s.name:14s} c={conc:<3d} {row['rps']:8.1f} req/s  p50 {row['p50_ms']} ms  "
-                      f"p99 {row['p99_ms']} ms  errors {row['errors']}  peak RSS {row['peak_rss_mib']} MiB", flush=True)
+                      f"p99 {row['p99_ms']} ms  errors {row['errors']}  peak RSS {row['peak_rss_mib']} MiB  "
+                      f"load {row['load_average_1m']}", flush=True)
     return rows
 
 
@@ -162,10 +168,11 @@ def search_agreement(cf: Server, cr: Server, cr_paths: list[str], queries: int =
 
 
 # ---------------------------------------------------------------------- goals and report
-def goals(rows: list[dict], builds: list[dict], concurrencies: list[int]) -> list[dict]:
+def goals(rows: list[dict], builds: list[dict], concurrencies: list[int], *, me: str = "clipforge") -> list[dict]:
+    """Issue 16's goals for one clipforge server (`me`) against every peer (a server not named clipforge*)."""
     def pick(endpoint: str, conc: int, key: str, peers: bool) -> list[tuple[str, float]]:
         return [(r["server"], r[key]) for r in rows if r["endpoint"] == endpoint and r["concurrency"] == conc
-                and (r["server"] != "clipforge") == peers and r[key] is not None]
+                and r[key] is not None and (not r["server"].startswith("clipforge") if peers else r["server"] == me)]
 
     out, top = [], max(concurrencies)
     for endpoint, factor in (("text_embedding", 1.5), ("search", 1.5), ("image_embedding", 1.2)):
@@ -180,13 +187,14 @@ def goals(rows: list[dict], builds: list[dict], concurrencies: list[int]) -> lis
             if peer and mine:
                 out.append({"goal": f"{endpoint} c=1 p99 below every peer's (best {peer[0]} {peer[1]} ms)",
                             "value": f"{mine[0][1]} ms", "met": mine[0][1] < peer[1]})
-    cf = next((b for b in builds if b["tool"] == "clipforge index build" and "images_per_s" in b), None)
+    cf = next((b for b in builds if b["tool"] == "clipforge index build" and "images_per_s" in b and me == "clipforge"),
+              None)
     cr = next((b for b in builds if b["tool"] == "clip-retrieval inference" and "images_per_s" in b), None)
     if cf and cr:
         ratio = round(cf["images_per_s"] / cr["images_per_s"], 2)
         out.append({"goal": f"index build >= 1.5x clip-retrieval inference ({cr['images_per_s']} images/s)",
                     "value": f"{cf['images_per_s']} images/s = {ratio}x", "met": ratio >= 1.5})
-    return out
+    return [{"server": me, **g} for g in out]
 
 
 def print_report(rows: list[dict], builds: list[dict], met: list[dict], unavailable: dict[str, str]) -> None:
@@ -205,7 +213,7 @@ def print_report(rows: list[dict], builds: list[dict], met: list[dict], unavaila
         print(f"{b['tool']}: {b['images_per_s']} images/s ({b['images']} images, {b['seconds']} s{extra})")
     print()
     for g in met:
-        print(f"{'MET    ' if g['met'] else 'NOT MET'} {g['goal']}: {g['value']}")
+        print(f"{'MET    ' if g['met'] else 'NOT MET'} {g['server']}: {g['goal']}: {g['value']}")
     for peer, why in unavailable.items():
         print(f"{peer}: not run here: {why}")
 
@@ -226,6 +234,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=32, help="most items per forward pass, clipforge and infinity")
     parser.add_argument("--build-batch-size", type=int, default=32)
     parser.add_argument("--peers", nargs="*", default=["infinity", "clip-retrieval"])
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure clipforge serve --onnx (its own ONNX export of the same checkpoint)")
     parser.add_argument("--limit-images", type=int, default=None, help="index only the first N images (smoke runs)")
     parser.add_argument("--skip-build", action="store_true", help="reuse the last run's indexes (development)")
     parser.add_argument("--start-timeout", type=float, default=600)
@@ -268,15 +278,17 @@ def build_indexes(ckpt: Path, hf: Path, images: Path, work: Path, args: argparse
 def start_servers(ckpt: Path, hf: Path, cf_index: Path, cr_index: Path | None, builds: list[dict], work: Path,
                   args: argparse.Namespace) -> tuple[list[Server], dict[str, str]]:
     servers, unavailable = [start_clipforge(ckpt, cf_index, work, args)], {}
-    for peer in args.peers:
+    for peer in (["clipforge-onnx"] if args.onnx else []) + args.peers:
         try:
-            if peer == "infinity":
+            if peer == "clipforge-onnx":
+                servers.append(start_clipforge(ckpt, cf_index, work, args, onnx=export_onnx(ckpt, CACHE / "vit-b-32-onnx")))
+            elif peer == "infinity":
                 servers.append(start_infinity(hf, work, args))
             elif peer == "clip-retrieval":
                 if cr_index is None:
                     raise RuntimeError(next(b["error"] for b in builds if b["tool"] == "clip-retrieval inference"))
                 servers.append(start_clip_back(hf, cr_index, work, args))
-        except (RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
             unavailable[peer] = str(exc)
             print(f"{peer}: NOT RUN: {exc}", flush=True)
     return servers, unavailable
@@ -313,15 +325,16 @@ def main() -> int:
             for build in REQUESTS[s.name].values():
                 run_drive(s.port, [build(-1 - i, images[i], s.host) for i in range(8)], 4, args.round_timeout)
         by = {s.name: s for s in servers}
-        if "infinity" in by:
-            agree["clipforge_vs_infinity_http"] = infinity_agreement(by["clipforge"], by["infinity"], images)
-            print(f"same weights over HTTP, clipforge vs infinity: {agree['clipforge_vs_infinity_http']}", flush=True)
-            check_agreement(agree["clipforge_vs_infinity_http"])
-        if "clip-retrieval" in by:
-            agree["clipforge_vs_clip_retrieval_search"] = search_agreement(
-                by["clipforge"], by["clip-retrieval"], clip_retrieval_paths(work))
-            print(f"same answers, clipforge vs clip-retrieval search: {agree['clipforge_vs_clip_retrieval_search']}",
-                  flush=True)
+        for mine in (name for name in by if name.startswith("clipforge")):
+            if "infinity" in by:
+                key = f"{mine}_vs_infinity_http".replace("-", "_")
+                agree[key] = infinity_agreement(by[mine], by["infinity"], images)
+                print(f"same weights over HTTP, {mine} vs infinity: {agree[key]}", flush=True)
+                check_agreement(agree[key])
+            if "clip-retrieval" in by:
+                key = f"{mine}_vs_clip_retrieval_search".replace("-", "_")
+                agree[key] = search_agreement(by[mine], by["clip-retrieval"], clip_retrieval_paths(work))
+                print(f"same answers, {mine} vs clip-retrieval search: {agree[key]}", flush=True)
         load_start = load_average()
         rows = measure(servers, images, args)
         load_end = load_average()
@@ -329,7 +342,7 @@ def main() -> int:
         for s in servers:
             stop(s)
 
-    met = goals(rows, builds, args.concurrency)
+    met = [g for s in servers if s.name.startswith("clipforge") for g in goals(rows, builds, args.concurrency, me=s.name)]
     print_report(rows, builds, met, unavailable)
     errors = sum(r["errors"] for r in rows)
     result = {
@@ -337,7 +350,8 @@ def main() -> int:
                     "hf_folder": str(hf.relative_to(ROOT)), "clipforge_checkpoint": str(ckpt.relative_to(ROOT)),
                     "agreement": agree},
         "servers": {s.name: {"version": s.version, **s.extra} for s in servers},
-        "unavailable": unavailable, "rows": rows, "index_build": builds, "goals": met, "images": len(image_files),
+        "unavailable": unavailable, "rows": rows, "index_build": builds,
+        "index_build_reused_from_an_earlier_run": bool(args.skip_build), "goals": met, "images": len(image_files),
         "threads": args.threads, "workers": args.workers, "rounds": args.rounds, "k": K,
         "load_average": {"before": load_before, "measurement_start": load_start, "measurement_end": load_end,
                          "end": load_average()},

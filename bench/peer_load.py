@@ -80,6 +80,8 @@ REQUESTS: dict[str, dict[str, Builder]] = {
     },
 }
 
+REQUESTS["clipforge-onnx"] = REQUESTS["clipforge"]  # the same service, its forward passes in onnxruntime
+
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> tuple[int, bool]:
     """One request and its whole response: (status, whether the server keeps the connection)."""

@@ -143,15 +143,22 @@ def _launch(name: str, cmd: list[str], *, cwd: Path, work: Path, threads: int) -
     return Server(name, int(cmd[cmd.index("--port") + 1]), proc, log)
 
 
-def start_clipforge(ckpt: Path, index: Path, work: Path, args: argparse.Namespace) -> Server:
+def start_clipforge(ckpt: Path, index: Path, work: Path, args: argparse.Namespace, *, onnx: Path | None = None) -> Server:
+    """clipforge serve; with `onnx` (its own export of the checkpoint) the forward passes run in onnxruntime."""
     cmd = [sys.executable, "-m", "clipforge_cli", "serve", "--checkpoint", str(ckpt), "--index", str(index),
            "--host", "127.0.0.1", "--port", str(free_port()), "--threads", str(args.threads),
            "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]
-    server = _launch("clipforge", cmd, cwd=ROOT, work=work, threads=args.threads)
+    if onnx is not None:
+        cmd += ["--onnx", str(onnx)]
+    server = _launch("clipforge-onnx" if onnx else "clipforge", cmd, cwd=ROOT, work=work, threads=args.threads)
     wait_ready(server, "/readyz", args.start_timeout)
     import torch
 
     server.version = f"clipforge (this checkout), torch {torch.__version__}"
+    if onnx is not None:
+        import onnxruntime
+
+        server.version += f", onnxruntime {onnxruntime.__version__}"
     server.extra["command"] = "clipforge " + " ".join(cmd[3:])
     return server
 

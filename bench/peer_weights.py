@@ -117,6 +117,20 @@ def import_checkpoint(hf_folder: Path, ckpt: Path, *, rebuild: bool) -> Path:
     return ckpt
 
 
+def export_onnx(ckpt: Path, out: Path) -> Path:
+    """`clipforge model export CKPT --to onnx:DIR`, for `clipforge serve --onnx`; kept while newer than the checkpoint."""
+    marker = out / "clipforge_onnx.json"
+    if marker.is_file() and marker.stat().st_mtime >= (ckpt / "model.safetensors").stat().st_mtime:
+        return out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    subprocess.run([sys.executable, "-m", "clipforge_cli", "model", "export", str(ckpt), "--to", f"onnx:{out}"],
+                   cwd=ROOT, check=True)
+    return out
+
+
 def rows_cosine(a: np.ndarray, b: np.ndarray) -> list[float]:
     """Cosine between row i of a and row i of b."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True)

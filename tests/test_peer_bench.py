@@ -161,6 +161,9 @@ def test_goals_compare_with_the_best_peer() -> None:
     assert met["text_embedding c=1 p99 below every peer's"] == (False, "90 ms")
     assert met["index build >= 1.5x clip-retrieval inference"] == (True, "12.0 images/s = 6.0x")
     assert not any(k.startswith("image_embedding") for k in met)  # no rows, no verdict
+    rows.append(row("text_embedding", "clipforge-onnx", 32, 40.0, 600))
+    onnx = peer_bench.goals(rows, builds, [1, 32], me="clipforge-onnx")
+    assert [(g["server"], g["value"], g["met"]) for g in onnx] == [("clipforge-onnx", "40.0 req/s = 1.6x", True)]
 
 
 def test_the_same_weights_check_needs_same_inputs_closer_than_different_ones() -> None:
