@@ -14,6 +14,8 @@ FROM python:3.11-slim AS builder
 ARG TORCH_INDEX_URL=""
 # Keep in step with the torch pin in pyproject.toml (tests/test_deploy_files.py checks it).
 ARG TORCH_VERSION=2.13.0
+# Optional extras of clipforge to install, comma-separated (e.g. "milvus" for a Milvus index store).
+ARG CLIPFORGE_EXTRAS=""
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -51,9 +53,9 @@ COPY training/ training/
 COPY index/ index/
 COPY app/ app/
 RUN if compgen -G "/wheels/*.whl" > /dev/null; then \
-        pip install --no-cache-dir --no-index --find-links /wheels /src; \
+        pip install --no-cache-dir --no-index --find-links /wheels "/src${CLIPFORGE_EXTRAS:+[${CLIPFORGE_EXTRAS}]}"; \
     else \
-        pip install --no-cache-dir /src; \
+        pip install --no-cache-dir "/src${CLIPFORGE_EXTRAS:+[${CLIPFORGE_EXTRAS}]}"; \
     fi \
     && python -c "import model, training, index, app, clipforge_cli"
 

@@ -7,9 +7,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.errors import ClipforgeError
-
-from .errors import ApiError
 from .model_worker import ModelWorker
 
 if TYPE_CHECKING:  # only a service with an index imports the index package
@@ -17,7 +14,6 @@ if TYPE_CHECKING:  # only a service with an index imports the index package
     from index.protocol import IndexStore
 
 _Query = tuple[np.ndarray, int, float | None]  # (vector, k, min_score)
-RETRY_AFTER_S = 5
 
 
 class IndexSearcher:
@@ -30,15 +26,10 @@ class IndexSearcher:
     async def search(self, vector: np.ndarray, k: int, min_score: float | None) -> list[SearchResult]:
         """The k best hits for one query vector, none below min_score, best first.
 
-        A shared index store that does not answer (a Milvus server down) is a 503 with
-        Retry-After: the replica holds no copy of the vectors to answer from.
+        A shared index store that does not answer (a Milvus server down) raises IndexUnavailableError,
+        app/errors.py's 503 with Retry-After: the replica holds no copy of the vectors to answer from.
         """
-        try:
-            return await self._batcher.submit((vector, k, min_score))
-        except ClipforgeError as exc:
-            if getattr(exc, "unavailable", False):
-                raise ApiError(503, "index_unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-            raise
+        return await self._batcher.submit((vector, k, min_score))
 
     def _search_batch(self, queries: Sequence[_Query]) -> list[list[SearchResult]]:
         """One index search at the largest k, then each query's own min_score and k.

@@ -46,8 +46,17 @@ class Settings(BaseSettings):
 
     # what to serve
     checkpoint: Path = Field(description="checkpoint directory written by `clipforge train`")
-    index: Path | None = Field(None, description="index directory; without one the search and image endpoints answer 503")
+    index: Path | None = Field(
+        None, description="index: a FAISS index directory, a Milvus collection (milvus://HOST:PORT/COLLECTION, "
+                          "milvus+https://HOST:PORT/COLLECTION, milvus-lite:PATH.db/COLLECTION) or a location file "
+                          "naming one; without one the search and image endpoints answer 503",
+    )
     labels_file: Path | None = Field(None, description="text file of default zero-shot labels, one per line")
+    onnx: Path | None = Field(
+        None, description="an ONNX export of the checkpoint (`clipforge model export CKPT --to onnx:DIR`): the model "
+                          "thread encodes with onnxruntime on the CPU instead of torch; the export must carry the "
+                          "checkpoint's content hash",
+    )
     device: str = Field(
         "cpu", description="torch device for the model: cpu, cuda, cuda:N or auto (a GPU when one is visible)"
     )
@@ -127,8 +136,26 @@ class Settings(BaseSettings):
     @field_validator("index")
     @classmethod
     def _index_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.exists():
+        if value is None:
+            return None
+        from index.errors import IndexStoreError
+        from index.locations import is_milvus_text, resolve_location
+
+        if is_milvus_text(str(value)):  # a collection on a server: checked when the service opens it
+            try:
+                resolve_location(value)
+            except IndexStoreError as exc:
+                raise ValueError(str(exc)) from None
+        elif not value.exists():
             raise ValueError(f"index {value} does not exist (build one with `clipforge index build`)")
+        return value
+
+    @field_validator("onnx")
+    @classmethod
+    def _onnx_export_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"ONNX export folder {value} does not exist (write one with "
+                             "`clipforge model export CKPT --to onnx:DIR`)")
         return value
 
     @field_validator("labels_file")
@@ -166,6 +193,8 @@ class Settings(BaseSettings):
     def _reads_need_keys(self) -> "Settings":
         if self.protect_reads and not self.api_keys:
             raise ValueError("protect_reads needs at least one key in api_keys")
+        if self.onnx is not None and self.device != "cpu":
+            raise ValueError(f"the ONNX path runs on the CPU; drop onnx or serve on device cpu, not {self.device}")
         return self
 
     @property

@@ -9,6 +9,12 @@ class IndexStoreError(ClipforgeError):
     """An index directory that is missing, corrupt, locked or asked to do something it cannot."""
 
 
+class IndexUnavailableError(IndexStoreError):
+    """The store behind the index did not answer (a Milvus server down or too slow): the service's 503, not a 4xx."""
+
+    unavailable = True  # the flag app/errors.py reads (the app imports index/ only when it serves one)
+
+
 class IndexNotFoundError(IndexStoreError, FileNotFoundError):
     """The path holds no clipforge index."""
 

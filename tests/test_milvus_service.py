@@ -182,19 +182,22 @@ def test_two_replicas_share_one_collection_and_hold_no_copy(tiny_checkpoint: Pat
         assert code == 0 and "12 image(s)" in capsys.readouterr().out
         shutil.rmtree(photos)  # no shared disk: the replicas serve images from Milvus only
         pointer = _location_file(tmp_path / "shared.milvus", location)
-        args = ["--checkpoint", str(tiny_checkpoint), "--index", str(pointer), "--max-wait-ms", "2"]
+        # replica a reads a location file, replica b the milvus:// location itself (serve --index / CLIPFORGE_INDEX)
+        args_a = ["--checkpoint", str(tiny_checkpoint), "--index", str(pointer), "--max-wait-ms", "2"]
+        args_b = ["--checkpoint", str(tiny_checkpoint), "--index", location, "--max-wait-ms", "2"]
 
         def env(name: str) -> dict[str, str]:  # no reload loop: nothing but the shared collection explains a change
             return {"CLIPFORGE_API_KEYS": API_KEY, "CLIPFORGE_INDEX_RELOAD_S": "0",
                     "CLIPFORGE_MILVUS_CACHE": str(tmp_path / f"cache-{name}")}
 
-        with live_server(env("a"), args, tmp_path / "a.log") as a, live_server(env("b"), args, tmp_path / "b.log") as b:
+        with live_server(env("a"), args_a, tmp_path / "a.log") as a, live_server(env("b"), args_b, tmp_path / "b.log") as b:
             def search(live, q: str, k: int = 13) -> list[dict]:
                 r = httpx.get(live.url + "/search", params={"q": q, "k": k}, timeout=30)
                 assert r.status_code == 200, r.text
                 return r.json()["results"]
 
-            assert [h["id"] for h in search(a, "a red circle")] == [h["id"] for h in search(b, "a red circle")]
+            search_ids = [h["id"] for h in search(a, "a red circle")]
+            assert search_ids == [h["id"] for h in search(b, "a red circle")]
             new = shape_image("circle", "green", size=40, fmt="JPEG")
             added = httpx.post(a.url + "/images", files=[("images", ("new.jpg", new))], data={"captions": ["fresh"]},
                                headers=AUTH, timeout=60).json()
@@ -219,6 +222,23 @@ def test_two_replicas_share_one_collection_and_hold_no_copy(tiny_checkpoint: Pat
                 r = httpx.get(live.url + "/search", params={"q": "a red circle"}, timeout=60)
                 assert r.status_code == 503 and r.json()["error"]["code"] == "index_unavailable", r.text
                 assert r.headers["Retry-After"] == "5"
+            for r in (httpx.get(f"{a.url}/images/{search_ids[0]}", timeout=60),  # not in a's cache: Milvus is asked
+                      httpx.post(b.url + "/images", files=[("images", ("late.jpg", new))], headers=AUTH, timeout=60)):
+                assert r.status_code == 503 and r.json()["error"]["code"] == "index_unavailable", r.text
             for log in (a.log, b.log):
                 assert "Traceback" not in log.read_text()
 
+
+
+def test_a_milvus_location_setting_is_checked_when_read(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import SettingsError, load_settings
+
+    ok = load_settings(checkpoint=tiny_checkpoint, index="milvus://127.0.0.1:19530/photos")  # no connection yet
+    assert str(ok.index).startswith("milvus:/")
+    monkeypatch.setenv("CLIPFORGE_INDEX", "milvus://milvus:19530/shared_photos")
+    assert "shared_photos" in str(load_settings(checkpoint=tiny_checkpoint).index)
+    for bad, why in (("milvus://127.0.0.1/photos", "is not HOST:PORT"), ("milvus://127.0.0.1:19530", "give the collection"),
+                     ("milvus-lite:data/photos", "PATH.db/COLLECTION"), ("/nowhere/index", "does not exist")):
+        with pytest.raises(SettingsError, match=why) as caught:
+            load_settings(checkpoint=tiny_checkpoint, index=bad)
+        assert "\n" not in str(caught.value).strip() and "Traceback" not in str(caught.value)

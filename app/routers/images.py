@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path as PathParam, Query, UploadFile
 from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from model.errors import ClipforgeError
 
@@ -35,12 +36,17 @@ _IMAGE_CONTENT = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 
 
 def _stored_path(index: ImageIndex, image_id: int) -> Path:
-    """The file of an indexed image, guaranteed inside the index root; 404 otherwise."""
+    """The file of an indexed image, guaranteed inside the index root; 404 otherwise.
+
+    Blocking (a Milvus store fetches the bytes into its cache): called in the thread pool.
+    """
     if index.get(image_id) is None:
         raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
     try:
         path = Path(index.resolve_path(image_id))
-    except ClipforgeError:  # a stored path that would leave the root is never served
+    except ClipforgeError as exc:  # a stored path that would leave the root is never served
+        if getattr(exc, "unavailable", False):  # the store did not answer: app/errors.py's 503
+            raise
         raise ApiError(404, "not_found", f"image {image_id} has no servable file") from None
     if not path.is_file():
         raise ApiError(404, "not_found", f"the file of image {image_id} is missing from the index root")
@@ -59,7 +65,7 @@ async def get_image(
     size: Annotated[int | None, Query(ge=16, description="longest side of a JPEG thumbnail (16 to the server's max_thumbnail)")] = None,
 ) -> Response:
     """The stored file as it is, or a JPEG thumbnail no larger than size x size."""
-    path = _stored_path(index, id)
+    path = await run_in_threadpool(_stored_path, index, id)
     if size is None:
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import IndexNotFoundError, IndexStoreError
+from ..errors import IndexNotFoundError, IndexStoreError, IndexUnavailableError
 from ..locations import MilvusLocation
 from ..search_filter import SearchFilter
 
@@ -42,10 +42,8 @@ QUERY_LIMIT = 16_384  # Milvus's largest limit (offset + limit) of one query or 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-class MilvusUnavailableError(IndexStoreError):
+class MilvusUnavailableError(IndexUnavailableError):
     """The Milvus server did not answer (down, unreachable, too slow): a 503 for the service, not the request's fault."""
-
-    unavailable = True  # read by the service (duck-typed: the app never imports pymilvus)
 
 
 def _unreachable(exc: BaseException) -> bool:
