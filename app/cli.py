@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .settings import load_settings
 
     settings = load_settings(
-        checkpoint=args.checkpoint, index=args.index, host=args.host, port=args.port, labels_file=args.labels_file,
+        checkpoint=args.checkpoint, index=args.index, onnx=args.onnx, host=args.host, port=args.port, labels_file=args.labels_file,
         device=args.device, threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         protect_reads=args.protect_reads, cors_origins=args.cors_origin, log_level=args.log_level,
     )
@@ -63,7 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "CLIPFORGE_API_KEYS (comma-separated).",
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (CLIPFORGE_CHECKPOINT)")
-    parser.add_argument("--index", type=Path, help="index directory (CLIPFORGE_INDEX); without it search answers 503")
+    parser.add_argument("--index", type=Path, help="index directory, milvus:// location or location file "
+                                                   "(CLIPFORGE_INDEX); without it search answers 503")
+    parser.add_argument("--onnx", type=Path, help="encode with onnxruntime from this ONNX export of the checkpoint "
+                                                  "(`clipforge model export CKPT --to onnx:DIR`; CLIPFORGE_ONNX)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
     parser.add_argument("--labels-file", type=Path, help="default zero-shot labels, one per line")

@@ -27,8 +27,9 @@ from .metrics import ServiceMetrics
 from .model_worker import ModelWorker
 from .settings import Settings
 
-if TYPE_CHECKING:  # only a service with an index imports the index package
+if TYPE_CHECKING:  # only a service with an index imports the index package (and one serving ONNX onnxruntime)
     from index import ImageIndex
+    from interop.onnx_runtime import OnnxEncoder
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ServiceState:
     limits: ServingLimits = field(default_factory=ServingLimits)
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     clip: CLIPInference | None = None
+    onnx: OnnxEncoder | None = None  # settings.onnx loaded: the forward passes run in onnxruntime
     worker: ModelWorker | None = None
     encoders: Encoders | None = None
     index: ImageIndex | None = None

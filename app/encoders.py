@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +14,11 @@ from model import CLIPInference, label_prompts, template_ensemble, templates_or_
 
 from .metrics import ServiceMetrics
 from .model_worker import ModelWorker
+
+if TYPE_CHECKING:  # only a service told to serve an ONNX export imports onnxruntime
+    from interop.onnx_runtime import OnnxEncoder
+
+TEXT_CHUNK = 256  # texts per ONNX run, as CLIPInference.embed_texts chunks its torch runs
 
 
 class LRUCache:
@@ -50,12 +55,18 @@ def _split_rows(emb: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
 
 
 class Encoders:
-    """Text, image and label embeddings; concurrent requests share forward passes, repeats come from the cache."""
+    """Text, image and label embeddings; concurrent requests share forward passes, repeats come from the cache.
+
+    With `onnx` (an export of the same checkpoint) the forward passes run in onnxruntime; the
+    tokenizer and the image preprocessing stay the checkpoint's, so the inputs are the same.
+    """
 
     def __init__(
         self, clip: CLIPInference, worker: ModelWorker, *, cache_size: int, metrics: ServiceMetrics | None = None,
+        onnx: OnnxEncoder | None = None,
     ) -> None:
         self.clip = clip
+        self.onnx = onnx
         self.metrics = metrics
         self.text_cache = LRUCache(cache_size)
         self.label_cache = LRUCache(cache_size)
@@ -63,12 +74,28 @@ class Encoders:
         self.images = worker.batcher("image", self._embed_pixel_groups)
 
     # ------------------------------------------------------------------ batch functions (model thread)
+    @property
+    def runtime(self) -> str:
+        """What runs the forward passes: "torch" or "onnxruntime"."""
+        return "torch" if self.onnx is None else "onnxruntime"
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        if self.onnx is None:
+            return self.clip.embed_texts(texts)
+        out = [np.zeros((0, self.clip.dim), dtype=np.float32)]
+        for start in range(0, len(texts), TEXT_CHUNK):
+            out.append(self.onnx.encode_texts(self.clip.tokenizer.encode(texts[start : start + TEXT_CHUNK])))
+        return np.concatenate(out)
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        return self.clip.embed_pixels(pixels) if self.onnx is None else self.onnx.encode_images(pixels)
+
     def _embed_text_groups(self, groups: list[list[str]]) -> list[np.ndarray]:
         flat = [text for group in groups for text in group]
-        return _split_rows(self.clip.embed_texts(flat), [len(group) for group in groups])
+        return _split_rows(self._encode_texts(flat), [len(group) for group in groups])
 
     def _embed_pixel_groups(self, groups: list[torch.Tensor]) -> list[np.ndarray]:
-        return _split_rows(self.clip.embed_pixels(torch.cat(groups)), [g.shape[0] for g in groups])
+        return _split_rows(self._encode_pixels(torch.cat(groups)), [g.shape[0] for g in groups])
 
     # ------------------------------------------------------------------ the encodes routes call
     def _count(self, hits: int, misses: int) -> None:

@@ -10,18 +10,23 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from model import PRESETS, CLIPInference, preset_config
+from model.errors import ClipforgeError
 
 from .dependencies import ServiceState
 from .encoders import Encoders
 from .index_search import IndexSearcher
 from .model_worker import ModelWorker
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from interop.onnx_runtime import OnnxEncoder
 
 log = logging.getLogger("clipforge.app")
 
@@ -58,6 +63,8 @@ def load_service(state: ServiceState) -> None:
         state.clip = clip
         state.metrics.model_loaded.set(1)
         log.info("model loaded", extra={"model": clip.model_id, "preset": state.preset, "dim": clip.dim})
+    if settings.onnx is not None and state.onnx is None:
+        state.onnx = load_onnx(settings, state.clip)
     if settings.index is not None and state.index is None:
         # only a service with an index needs the index package; the setting names a FAISS folder, or a
         # location file naming a Milvus collection that every replica shares (index/locations.py)
@@ -83,6 +90,20 @@ async def _follow_index(state: ServiceState, every_s: float) -> None:
             log.exception("index reload failed; still serving the previous generation")
 
 
+def load_onnx(settings: Settings, clip: CLIPInference) -> OnnxEncoder:
+    """The ONNX export to encode with; refused unless it was exported from this very checkpoint."""
+    from interop.onnx_runtime import OnnxEncoder  # only an ONNX service imports onnxruntime
+
+    assert settings.onnx is not None
+    encoder = OnnxEncoder(settings.onnx, threads=settings.threads)
+    if encoder.model_id != clip.model_id:
+        raise ClipforgeError(f"ONNX export {settings.onnx} is of checkpoint {encoder.model_id[:12]}, not of "
+                             f"{settings.checkpoint} ({clip.model_id[:12]}): export this checkpoint with "
+                             f"`clipforge model export {settings.checkpoint} --to onnx:DIR`")
+    log.info("onnx export loaded", extra={"onnx": str(settings.onnx), "model": encoder.model_id})
+    return encoder
+
+
 async def start_service(state: ServiceState) -> None:
     """Load, then start the model worker's batchers; the service answers requests from here on."""
     await run_in_threadpool(load_service, state)
@@ -92,7 +113,7 @@ async def start_service(state: ServiceState) -> None:
     worker = ModelWorker(max_batch_size=settings.effective_batch_size, max_wait_ms=settings.max_wait_ms,
                          metrics=metrics, in_flight=lambda: metrics.active, max_queue=state.limits.max_queue,
                          heartbeat_s=state.limits.heartbeat_s)
-    encoders = Encoders(state.clip, worker, cache_size=settings.text_cache_size, metrics=metrics)
+    encoders = Encoders(state.clip, worker, cache_size=settings.text_cache_size, metrics=metrics, onnx=state.onnx)
     if state.index is not None:
         state.searcher = IndexSearcher(state.index, worker)
     worker.start()

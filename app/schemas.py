@@ -146,6 +146,8 @@ class InfoResponse(BaseModel):
         "source states it), 'fine_tuned_from' (checkpoint, content_hash), 'pretrained_towers' (image/text "
         "hf:DIR); empty for a model clipforge trained from scratch")
     logit_scale: float
+    runtime: str = Field("torch", description="what runs the forward passes: torch, or onnxruntime when the service "
+                                              "serves the checkpoint's ONNX export (CLIPFORGE_ONNX)")
     default_labels: list[str]
     index: IndexInfo | None = Field(None, description="null when the service runs without an index")
     batching: dict[str, Any]

@@ -34,7 +34,7 @@ async def info(state: ReadyStateDep, clip: ClipDep) -> InfoResponse:
         metrics=dict(meta.get("metrics") or {}), params=dict(meta.get("params") or {}),
         step=step if isinstance(step, int) else None, created=str(meta["created"]) if meta.get("created") else None,
         origin=model_origin(meta),
-        logit_scale=clip.logit_scale, default_labels=state.default_labels, index=index_info,
+        logit_scale=clip.logit_scale, runtime=state.encoders.runtime, default_labels=state.default_labels, index=index_info,
         batching={"enabled": state.settings.batching, "max_batch_size": state.settings.effective_batch_size,
                   "max_wait_ms": state.settings.max_wait_ms, "text_cache_size": state.settings.text_cache_size},
         limits={**state.settings.public_limits(), **state.limits.public(clip.tokenizer.max_length)},
