@@ -119,16 +119,30 @@ def ensure_model(layout: DemoLayout, retrain: bool, minutes: float, max_steps: i
     if _checkpoint_ready(layout) and not retrain:
         print(f"reusing the trained demo model in {layout.checkpoint} (--retrain trains a new one)", flush=True)
         return layout.checkpoint
-    # The demo's own folders: an old model, or a run cut short. The images stay (they hold uploads too).
-    for stale in (layout.run, layout.index):
-        if stale.exists():
-            shutil.rmtree(stale)
+    # The demo's own folders: an old model, or a run cut short (images uploaded to the index are kept).
+    if layout.run.exists():
+        shutil.rmtree(layout.run)
+    _remove_index(layout)
     budget = f"{max_steps} steps" if max_steps is not None else f"about {minutes:g} minutes"
     print(f"training the demo model ({PRESET}) on synthetic shapes on the CPU: {budget}", flush=True)
     _run(train_command(layout, minutes, max_steps), "training")
     if not _checkpoint_ready(layout):
         raise DemoError(f"training finished without writing {layout.checkpoint}; rerun with --retrain")
     return layout.checkpoint
+
+
+def _remove_index(layout: DemoLayout) -> None:
+    """Delete the demo index, first moving the images uploaded to it (INDEX/uploads) aside: stored data stays."""
+    if not layout.index.exists():
+        return
+    uploads = layout.index / "uploads"
+    if uploads.is_dir() and any(uploads.iterdir()):
+        kept = layout.workdir / "uploads-kept" / time.strftime("%Y%m%d-%H%M%S")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(uploads), str(kept))
+        print(f"kept the images uploaded to the old index in {kept} "
+              f"(add them back with `clipforge index add {layout.index} {kept} --copy`)", flush=True)
+    shutil.rmtree(layout.index)
 
 
 def _index_matches(layout: DemoLayout) -> bool:
@@ -151,8 +165,7 @@ def ensure_index(layout: DemoLayout) -> Path:
     if _index_matches(layout):
         print(f"reusing the index in {layout.index}", flush=True)
         return layout.index
-    if layout.index.exists():
-        shutil.rmtree(layout.index)
+    _remove_index(layout)
     print("indexing the generated images", flush=True)
     build, add = index_commands(layout)
     _run(build, "building the index")

@@ -7,7 +7,8 @@
         index.faiss        the FAISS index
         meta.sqlite        metadata
         manifest.json      checkpoint hash, dim, metric, type and params, count, times
-      uploads/           (when the root is the index folder) files stored by add_bytes
+      uploads/           files the index stores itself (add_bytes, --copy)
+      .uploads-pending   journal of uploads being written or deleted (settled after each commit)
 
 A writer builds the next generation in a hidden temporary folder, fsyncs every file,
 renames it to gen-N, then replaces CURRENT (model.fileio.write_atomic). A kill before the CURRENT rename leaves the

@@ -186,3 +186,18 @@ def test_retrain_trains_a_new_model_and_rebuilds_the_index(tmp_path: Path, monke
     assert model_id == content_hash(run / "best"), "the index belongs to the new model"
     heldout = len(list((work / "images" / "shapes" / "images" / "heldout").iterdir()))
     assert size == demo_mod.N_VAL + heldout
+
+
+def test_rebuilding_the_demo_index_keeps_the_images_uploaded_to_it(tmp_path: Path, capsys) -> None:
+    from app.demo import DemoLayout, _remove_index
+
+    layout = DemoLayout(tmp_path)
+    (layout.index / "uploads").mkdir(parents=True)
+    (layout.index / "uploads" / "mine.png").write_bytes(b"the user's photo")
+    (layout.index / "CURRENT").write_text("gen-00000001")
+    _remove_index(layout)
+    assert not layout.index.exists()
+    kept = list((tmp_path / "uploads-kept").glob("*/mine.png"))
+    assert [p.read_bytes() for p in kept] == [b"the user's photo"]
+    assert "kept the images uploaded" in capsys.readouterr().out
+    _remove_index(layout)  # nothing there: nothing to do

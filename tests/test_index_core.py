@@ -210,7 +210,7 @@ def test_uploads_and_path_traversal(tmp_path: Path, clip: CLIPInference, images:
     report = idx.add_bytes(clip, [("../../../etc/evil.png", png_bytes(77), "up"), ("x.png", b"garbage", None)])
     assert len(report.added) == 1 and report.failed[0][0] == "x.png"
     stored = idx.resolve_path(report.added[0])
-    assert stored.parent == (images / "uploads").resolve() and stored.read_bytes() == png_bytes(77)
+    assert stored.parent == (tmp_path / "idx" / "uploads").resolve() and stored.read_bytes() == png_bytes(77)
     assert idx.get(report.added[0]).caption == "up"
     assert idx.add_bytes(clip, [("again.png", png_bytes(77), None)]).duplicates == [("again.png", report.added[0])]
     # paths that would leave the root are refused everywhere
@@ -223,7 +223,7 @@ def test_uploads_and_path_traversal(tmp_path: Path, clip: CLIPInference, images:
     failed = idx.add_files(clip, [images / "link.png", outside]).failed
     assert len(failed) == 2 and all("outside the index root" in why for _, why in failed)
     copied = idx.add_files(clip, [outside], copy_outside_root=True)
-    assert idx.resolve_path(copied.added[0]).is_relative_to(images.resolve() / "uploads")
+    assert idx.resolve_path(copied.added[0]).is_relative_to((tmp_path / "idx" / "uploads").resolve())
     # a record whose file was swapped for a symlink pointing outside is refused at serving time
     rec_id = idx.add_files(clip, [images / "img000.png"]).added[0]
     (images / "img000.png").unlink()
