@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from model.image import IMAGE_SUFFIXES
 
 from .errors import PathOutsideRootError
@@ -46,6 +48,24 @@ def relative_to_root(path: Path, root: Path) -> str | None:
         return Path(os.path.realpath(path)).relative_to(Path(os.path.realpath(root))).as_posix()
     except ValueError:
         return None
+
+
+def removal_targets(targets: Iterable[int | str | Path], root: Path | None) -> tuple[set[int], list[str]]:
+    """The ids, and the paths relative to the root (folders without a trailing slash), that a remove names.
+
+    An absolute path outside the root (or any absolute path where there is no root) names nothing.
+    """
+    ids: set[int] = set()
+    paths: list[str] = []
+    for t in targets:
+        if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+            ids.add(int(t))
+            continue
+        p = Path(t)
+        rel = (relative_to_root(p, root) if root is not None else None) if p.is_absolute() else p.as_posix()
+        if rel:
+            paths.append(rel.rstrip("/"))
+    return ids, paths
 
 
 def resolve_inside(root: Path, relative: str) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 from . import backends, store
 from .backends import Tombstones
 from .errors import IndexStoreError
-from .files import relative_to_root
+from .files import removal_targets
 from .manifest import Manifest
 from .metadata import ImageRecord, MetadataReader
 from .types import SearchResult
@@ -161,16 +161,7 @@ def describe_snapshot(snapshot: Snapshot, *, directory: Path, root: Path, upload
 
 def records_to_remove(snapshot: Snapshot, root: Path, targets: Iterable[int | str | Path]) -> dict[int, ImageRecord]:
     """The records named by ids, by paths (relative to the root, or absolute inside it) or by folders."""
-    ids: set[int] = set()
-    paths: list[str] = []
-    for t in targets:
-        if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
-            ids.add(int(t))
-            continue
-        p = Path(t)
-        rel = relative_to_root(p, root) if p.is_absolute() else Path(str(t)).as_posix()
-        if rel is not None:
-            paths.append(rel.rstrip("/"))
+    ids, paths = removal_targets(targets, root)
     found = snapshot.db.ids_by_path(paths)
     ids.update(found.values())
     for rel in paths:

@@ -37,7 +37,7 @@ from ..errors import (
     IndexMismatchError,
     IndexStoreError,
 )
-from ..files import relative_to_root, resolve_inside
+from ..files import removal_targets, resolve_inside
 from ..locations import MilvusLocation, parse_milvus
 from ..metadata import ImageRecord
 from ..search_filter import SearchFilter
@@ -347,16 +347,7 @@ class MilvusImageIndex:
 
     def remove(self, targets: Iterable[int | str | Path]) -> int:
         """Remove images by id, by path (relative to the root, or absolute inside it) or by folder; returns how many."""
-        ids: set[int] = set()
-        paths: list[str] = []
-        for t in targets:
-            if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
-                ids.add(int(t))
-                continue
-            p = Path(t)
-            rel = (relative_to_root(p, self.root) if self.root else None) if p.is_absolute() else p.as_posix()
-            if rel:
-                paths.append(rel.rstrip("/"))
+        ids, paths = removal_targets(targets, self.root)
         found = set(self.rows.by_id(sorted(ids), ["id"]))
         for path in paths:
             exact = self.rows.ids_at_paths([path])
