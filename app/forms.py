@@ -6,6 +6,10 @@ a genuine "Ã", so the check has to see the raw bytes, which only the parser has
 many fields or files with a bare 400 before a route can apply its own limits. `StrictFormRoute` (the
 route class of every router with form bodies) gives each request a parser that decodes strictly and
 counts parts itself, answering both with the app's 422 codes.
+
+Callers that cannot send multipart may send the same request as JSON (the image as base64): a route
+whose endpoint is marked `@json_alternative(endpoint)` hands application/json bodies to that endpoint
+(validated by FastAPI as usual); app/json_form.py turns its base64 image into the upload's bytes.
 """
 
 from __future__ import annotations
@@ -103,13 +107,45 @@ class StrictFormRequest(Request):
         return await super().form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
 
 
+Endpoint = Callable[..., Coroutine[Any, Any, Any]]
+_JSON_ENDPOINT = "__json_alternative__"
+
+
+def json_alternative(json_endpoint: Endpoint) -> Callable[[Endpoint], Endpoint]:
+    """Mark a multipart endpoint: application/json bodies of its route go to `json_endpoint` instead."""
+
+    def mark(endpoint: Endpoint) -> Endpoint:
+        setattr(endpoint, _JSON_ENDPOINT, json_endpoint)
+        return endpoint
+
+    return mark
+
+
+def _is_json(request: Request) -> bool:
+    content_type, _ = parse_options_header(request.headers.get("Content-Type"))
+    return content_type == b"application/json" or content_type.endswith(b"+json")
+
+
 class StrictFormRoute(APIRoute):
-    """Route class (the documented FastAPI hook for a custom Request) that reads forms strictly."""
+    """Route class (the documented FastAPI hook for a custom Request) that reads forms strictly.
+
+    Where the endpoint has a JSON alternative, a JSON body is answered by a hidden route to it with the
+    same path, dependencies (API key) and response model, so both forms are validated the same way.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        json_endpoint = getattr(self.endpoint, _JSON_ENDPOINT, None)
+        json_handler = None if json_endpoint is None else APIRoute(
+            self.path, json_endpoint, methods=list(self.methods or ["POST"]), response_model=self.response_model,
+            dependencies=list(self.dependencies), responses=self.responses, include_in_schema=False,
+            operation_id=f"{self.operation_id}_json" if self.operation_id else None,
+            dependency_overrides_provider=self.dependency_overrides_provider,
+        ).get_route_handler()
 
         async def strict(request: Request) -> Response:
+            if json_handler is not None and _is_json(request):
+                return await json_handler(request)
             return await handler(StrictFormRequest(request.scope, request.receive))
 
         return strict

@@ -26,6 +26,33 @@ class ErrorResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------- classify / similarity
+# Padded standard base64 as the schema states it; the server also takes a data: URL prefix and line breaks
+# (app/json_form.py decodes it, so the pattern is only documented, not enforced by pydantic).
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+class ClassifyJsonRequest(BaseModel):
+    """POST /classify as JSON, for callers that cannot send multipart: the image as base64."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="the image file's bytes, base64 (standard alphabet, padded)",
+                       json_schema_extra={"contentEncoding": "base64", "pattern": BASE64_PATTERN})
+    labels: list[str] = Field(default_factory=list, description="candidate labels; default: the server's labels")
+    templates: list[str] = Field(default_factory=list, description="prompt templates with {} for the label")
+    top_k: int | None = Field(None, ge=1, description="return only the k most probable labels")
+
+
+class SimilarityJsonRequest(BaseModel):
+    """POST /similarity as JSON, for callers that cannot send multipart: the image as base64."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="the image file's bytes, base64 (standard alphabet, padded)",
+                       json_schema_extra={"contentEncoding": "base64", "pattern": BASE64_PATTERN})
+    texts: list[str] = Field(min_length=1, description="texts to score")
+
+
 class Prediction(BaseModel):
     label: str
     probability: float = Field(description="softmax over the labels at the model's learned temperature")
