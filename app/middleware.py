@@ -173,8 +173,17 @@ class BodyLimitMiddleware:
         self.idle_timeout_s = idle_timeout_s
         self.total_timeout_s = total_timeout_s
 
-    def _too_large(self) -> _BodyRefused:
-        return _BodyRefused(413, "payload_too_large", f"request body exceeds the limit of {self.max_bytes:,} bytes")
+    def _limit(self, scope: Scope) -> int:
+        """The body limit: a JSON body carries its image as base64 (4 bytes for 3), so it may be 4/3 larger;
+        app/json_form.py holds the decoded image to max_bytes itself."""
+        content_type = Headers(scope=scope).get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type == "application/json" or content_type.endswith("+json"):
+            return -(-self.max_bytes // 3) * 4
+        return self.max_bytes
+
+    @staticmethod
+    def _too_large(limit: int) -> _BodyRefused:
+        return _BodyRefused(413, "payload_too_large", f"request body exceeds the limit of {limit:,} bytes")
 
     def _timeout(self, deadline: float | None) -> float | None:
         """How long the next read may wait: the idle bound, cut to what is left of the total."""
@@ -187,9 +196,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope)
         length = Headers(scope=scope).get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            err = self._too_large()
+        if length is not None and length.isdigit() and int(length) > limit:
+            err = self._too_large(limit)
             await send_error(send, err.status, err.code, err.message, close=True)
             return
         deadline = None if self.total_timeout_s is None else time.monotonic() + self.total_timeout_s
@@ -213,8 +223,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if received > self.max_bytes:
-                    refused = self._too_large()
+                if received > limit:
+                    refused = self._too_large(limit)
                     raise refused
             return message
 

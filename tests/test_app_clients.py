@@ -154,6 +154,8 @@ JSON_CORPUS = [
     ("unknown field", "/similarity", {"image": _b64(shape_image()), "texts": ["a"], "k": 3}, 422, "validation_error"),
     ("missing image", "/classify", {"labels": ["a"]}, 422, "validation_error"),
     ("11 MB decoded", "/classify", {"image": _b64(b"\0" * 11_000_000), "labels": ["a"]}, 413, "payload_too_large"),
+    # 9 MB decodes under the 10 MiB limit though its base64 is 12 MB: judged as an image, not refused as a body
+    ("9 MB decoded", "/classify", {"image": _b64(b"\0" * 9_000_000), "labels": ["a"]}, 415, "unsupported_image"),
 ]
 
 
