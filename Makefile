@@ -31,7 +31,7 @@ $(REF_STAMP): $(STAMP)
 	@mkdir -p $(REF_VENV) && rm -f $(REF_VENV)/UNAVAILABLE
 	@if { test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV); } > $(REF_VENV)/pip.log 2>&1 \
 	  && $(REF_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 \
-	       regex ftfy tqdm huggingface_hub safetensors numpy pillow >> $(REF_VENV)/pip.log 2>&1 \
+	       regex ftfy tqdm huggingface_hub safetensors numpy pillow tokenizers >> $(REF_VENV)/pip.log 2>&1 \
 	  && $(REF_VENV)/bin/python -m pip install --quiet --no-deps --find-links .cache/wheels \
 	       open_clip_torch==3.3.0 >> $(REF_VENV)/pip.log 2>&1; then \
 	  touch $@; \
