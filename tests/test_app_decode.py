@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from app_helpers import assert_error
 from fastapi.testclient import TestClient
 from PIL import Image
 from test_app_support import API_KEY, live_server, shape_image
@@ -56,13 +57,6 @@ def bomb() -> bytes:
     data = deep_png_bomb()
     assert len(data) < 120_000 and read_header(data).decoded_bytes == SIDE * SIDE * 2
     return data
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, (response.status_code, response.text[:300])
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"], body
-    return body["error"]
 
 
 # ---------------------------------------------------------------------- the gate

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from app_helpers import assert_error
 from fastapi.testclient import TestClient
 from test_app_support import API_KEY, live_server, shape_image
 from test_index_uploads import older_index_with_an_upload
@@ -45,13 +46,6 @@ def headers(charset: str | None = None, **extra: str) -> dict[str, str]:
 
 def three_images() -> list[bytes]:
     return [part("images", shape_image(shape, "blue", size=40), f"{shape}.png") for shape in ("circle", "square", "triangle")]
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, (response.status_code, response.text[:300])
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"], body
-    return body["error"]
 
 
 def test_which_charsets_can_carry_a_form() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from index_helpers import kill_9_and_read_acks
 
 from index import ImageIndex, NewImage
 
@@ -86,19 +86,10 @@ def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str) -> 
         proc = start_writer(path, seed=attempt + 10 * len(kind))
         wait_ready(proc)
         time.sleep(rng.uniform(0.05, 0.8))  # lands anywhere: between commits, inside one, in a fsync
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        assert proc.returncode == -signal.SIGKILL
-        in_flight_del: set[int] = set()
-        for line in out.splitlines():
-            word, *ids = line.split()
-            if word == "ADD":
-                acked_add |= set(map(int, ids))
-            elif word == "WILL_DEL":
-                in_flight_del = set(map(int, ids))
-            elif word == "DEL":
-                acked_del |= set(map(int, ids))
-                in_flight_del = set()
+        acks = kill_9_and_read_acks(proc)
+        acked_add |= acks.added
+        acked_del |= acks.deleted
+        in_flight_del = acks.in_flight
         reopened = ImageIndex.open(path)
         counts = reopened.verify()  # FAISS ids == SQLite ids, counts == manifest
         live = {r.id for r in reopened.records(0, 100_000)}

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from filelock import FileLock
+from index_helpers import kill_9_and_read_acks
 from test_app_support import API_KEY, ROOT, live_server, shape_image
 
 from index import ImageIndex, IndexStoreError, NewImage
@@ -173,19 +173,10 @@ def test_kill_9_while_uploading_leaves_exactly_the_files_the_index_refers_to(tin
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
         time.sleep(rng.uniform(0.2, 1.5))  # lands anywhere: storing a file, committing, settling, between writes
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        assert proc.returncode == -signal.SIGKILL
-        in_flight: set[int] = set()
-        for line in out.splitlines():
-            word, *ids = line.split()
-            if word == "ADD":
-                acked_add |= set(map(int, ids))
-            elif word == "WILL_DEL":
-                in_flight = set(map(int, ids))
-            elif word == "DEL":
-                acked_del |= set(map(int, ids))
-                in_flight = set()
+        acks = kill_9_and_read_acks(proc)
+        acked_add |= acks.added
+        acked_del |= acks.deleted
+        in_flight = acks.in_flight
         with ImageIndex.open(directory) as idx:  # the lock is free: the open settles what the kill left
             records = idx.records(0, 10_000)
             live = {r.id for r in records}
