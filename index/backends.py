@@ -141,7 +141,7 @@ def can_remove(kind: str, params: dict[str, Any]) -> bool:
     return kind == "flat" or (kind == "ivfpq" and not params.get("refine_k_factor"))
 
 
-def _id_mapped(index: faiss.Index) -> bool:
+def id_mapped(index: faiss.Index) -> bool:
     return isinstance(faiss.downcast_index(index), faiss.IndexIDMap2)
 
 
@@ -151,7 +151,7 @@ def remove(index: faiss.Index, ids: np.ndarray) -> int:
 
 def stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
     """Every id held by the FAISS index, tombstoned ones included (for consistency checks)."""
-    if _id_mapped(index):
+    if id_mapped(index):
         return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
@@ -159,19 +159,22 @@ def stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
+def storage_of(index: faiss.Index, kind: str) -> faiss.Index:
+    """The exact (flat, hnsw) or float16 re-rank (ivfpq, hnswsq) store of an id-mapped index, by position."""
+    inner = faiss.downcast_index(faiss.downcast_index(index).index)
+    if kind == "flat":
+        return inner
+    if kind == "hnsw":
+        return faiss.downcast_index(inner.storage)
+    return faiss.downcast_index(inner.refine_index)
+
+
 def vectors_and_ids(index: faiss.Index, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """The exact stored vectors with their ids, for re-indexing as another type or compacting."""
-    if not _id_mapped(index):
+    if not id_mapped(index):
         raise IndexStoreError("this ivfpq index keeps only compressed codes; rebuild it from the images instead")
-    idmap = faiss.downcast_index(index)
-    ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
-    inner = faiss.downcast_index(idmap.index)
-    if kind == "flat":
-        storage = inner
-    elif kind == "hnsw":
-        storage = faiss.downcast_index(inner.storage)
-    else:  # float16 copies kept for re-ranking (ivfpq, hnswsq)
-        storage = faiss.downcast_index(inner.refine_index)
+    ids = faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    storage = storage_of(index, kind)
     vecs = storage.reconstruct_n(0, storage.ntotal) if storage.ntotal else np.zeros((0, index.d), np.float32)
     return np.asarray(vecs, dtype=np.float32), ids
 
@@ -186,7 +189,7 @@ class Tombstones:
     def __init__(self, ids: np.ndarray, index: faiss.Index | None = None, kind: str = "hnsw") -> None:
         self.ids = np.unique(np.asarray(ids, dtype=np.int64))
         hidden = self.ids
-        if len(self.ids) and kind in REFINED and index is not None and _id_mapped(index):
+        if len(self.ids) and kind in REFINED and index is not None and id_mapped(index):
             hidden = np.flatnonzero(np.isin(stored_ids(index, kind), self.ids)).astype(np.int64)
         self._batch = faiss.IDSelectorBatch(hidden) if len(hidden) else None
         self.selector = faiss.IDSelectorNot(self._batch) if self._batch is not None else None
@@ -221,7 +224,7 @@ def search(
         ivf_params.nprobe = int(nprobe or params.get("nprobe", 32))
         if tombstones is not None and tombstones.selector is not None:
             ivf_params.sel = tombstones.selector
-        if not _id_mapped(index):
+        if not id_mapped(index):
             return index.search(queries, k, params=ivf_params)
         refine_params = faiss.IndexRefineSearchParameters()
         refine_params.k_factor = float(params.get("refine_k_factor") or 4)

@@ -196,16 +196,14 @@ def _search_filter(args: argparse.Namespace) -> SearchFilter | None:
     from .search_filter import SearchFilter
 
     given = SearchFilter(path_prefix=args.path_prefix, caption_contains=args.caption_contains,
-                         added_after=args.added_after, added_before=args.added_before)
+                         added_after=args.added_after, added_before=args.added_before,
+                         min_width=args.min_width, min_height=args.min_height)
     return None if given.empty else given
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    idx = open_index(args.index, mmap=args.mmap)
     conditions = _search_filter(args)
-    if conditions is not None and isinstance(idx, ImageIndex):
-        raise IndexStoreError("filtered search (--path-prefix, --caption-contains, --added-after/--added-before) "
-                              "is on the Milvus store only so far")
+    idx = open_index(args.index, mmap=args.mmap)
     clip = _load_clip(args.checkpoint, idx, device=args.device)
     idx.check_model(clip)
     if args.image:
@@ -214,8 +212,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         vectors = clip.embed_texts([args.text])
     else:
         raise IndexStoreError("give a query text or --image FILE")
-    extra = {"filter": conditions} if conditions is not None else {}
-    hits = idx.search_by_vector(vectors, args.k, args.min_score, ef_search=args.ef_search, nprobe=args.nprobe, **extra)[0]
+    hits = idx.search_by_vector(vectors, args.k, args.min_score, ef_search=args.ef_search, nprobe=args.nprobe,
+                                filter=conditions)[0]
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=2))
         return 0
@@ -317,10 +315,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_device_flag(search)
     search.add_argument("--mmap", action="store_true", help="memory-map the index instead of loading it")
     search.add_argument("--json", action="store_true")
-    search.add_argument("--path-prefix", help="only images whose stored path starts with this (Milvus store)")
-    search.add_argument("--caption-contains", help="only images whose caption holds this text (Milvus store)")
-    search.add_argument("--added-after", help="only images added at or after this UTC time (Milvus store)")
-    search.add_argument("--added-before", help="only images added before this UTC time (Milvus store)")
+    search.add_argument("--path-prefix", help="only images whose stored path (relative to the root) starts with this")
+    search.add_argument("--caption-contains", help="only images whose caption holds this text (case-sensitive)")
+    search.add_argument("--added-after", help="only images added at or after this UTC time (2026-12-02T07:40:31Z)")
+    search.add_argument("--added-before", help="only images added before this UTC time")
+    search.add_argument("--min-width", type=int, help="only images at least this many pixels wide")
+    search.add_argument("--min-height", type=int, help="only images at least this many pixels tall")
     search.set_defaults(func=cmd_search)
 
     rebuild = isub.add_parser("rebuild", help="re-index stored vectors: compact tombstones, change type or parameters")

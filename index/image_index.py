@@ -42,6 +42,7 @@ from .errors import IndexMismatchError, IndexNotFoundError, IndexStoreError
 from .files import resolve_inside
 from .manifest import Manifest
 from .metadata import ImageRecord
+from .search_filter import SearchFilter
 from .snapshot import (
     Snapshot,
     describe_snapshot,
@@ -236,10 +237,15 @@ class ImageIndex:
 
     def search_by_vector(
         self, vectors: np.ndarray, k: int, min_score: float | None = None, *,
-        ef_search: int | None = None, nprobe: int | None = None,
+        ef_search: int | None = None, nprobe: int | None = None, filter: SearchFilter | None = None,
     ) -> list[list[SearchResult]]:
-        """The k most similar images for each query vector (rows of `vectors`), best first."""
-        return search_snapshot(self._state, vectors, k, min_score=min_score, ef_search=ef_search, nprobe=nprobe)
+        """The k most similar images for each query vector (rows of `vectors`), best first.
+
+        filter keeps only images meeting its conditions, applied before the k are chosen.
+        """
+        return search_snapshot(
+            self._state, vectors, k, min_score=min_score, ef_search=ef_search, nprobe=nprobe, conditions=filter,
+        )
 
     def search_text(self, clip: CLIPInference, text: str, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
         self.check_model(clip)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,17 @@ class MetadataReader:
         """Ids of records whose path lies in the folder `prefix` (POSIX, relative)."""
         like = prefix.rstrip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
         return [r[0] for r in self._query("SELECT id FROM images WHERE path LIKE ? ESCAPE '\\'", (like,))]
+
+    def filter_rows(self, size: int) -> Iterator[list[tuple]]:
+        """(id, path, caption, width, height, added) of every record by id, `size` rows at a time."""
+        last = -1
+        while True:
+            rows = self._query("SELECT id, path, caption, width, height, added FROM images WHERE id > ? "
+                               "ORDER BY id LIMIT ?", (last, size))
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
 
     def page(self, offset: int, limit: int) -> list[ImageRecord]:
         rows = self._query(f"SELECT {_COLUMNS} FROM images ORDER BY id LIMIT ? OFFSET ?", (limit, offset))

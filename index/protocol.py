@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from .metadata import ImageRecord
+from .search_filter import SearchFilter
 from .types import AddReport, NewImage, SearchResult
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class IndexStore(Protocol):
 
     def search_by_vector(
         self, vectors: np.ndarray, k: int, min_score: float | None = None, *,
-        ef_search: int | None = None, nprobe: int | None = None,
+        ef_search: int | None = None, nprobe: int | None = None, filter: SearchFilter | None = None,
     ) -> list[list[SearchResult]]: ...
 
     def add_files(

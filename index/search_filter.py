@@ -1,8 +1,9 @@
-"""SearchFilter: which images a search may return, by path prefix, caption text and time added.
+"""SearchFilter: which images a search may return, by path prefix, caption text, time added and size.
 
-The Milvus store applies it inside the engine (the k results are k matching images); the FAISS
-store has no filtered search yet. Times are ISO 8601 UTC as the index records them
-("2026-12-02T07:40:31Z"); the interval is half-open: added_after <= added < added_before.
+Both stores apply it before ranking, so the k results are the best k among the matching images,
+not a top k cut down afterwards: Milvus inside its engine, FAISS in index/filtered.py. Times are
+ISO 8601 UTC as the index records them ("2026-12-02T07:40:31Z"); the interval is half-open:
+added_after <= added < added_before.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from .errors import IndexStoreError
 
 MAX_FILTER_CHARS = 1024
+MAX_SIDE = 1 << 20  # no image is wider or taller; a bigger minimum is a mistake, not a filter
 
 
 def parse_utc(text: str, what: str) -> int:
@@ -35,12 +37,20 @@ class SearchFilter:
     caption_contains: str | None = None  # the caption holds this text (images without a caption never match)
     added_after: str | None = None  # added at or after this UTC time
     added_before: str | None = None  # added before this UTC time
+    min_width: int | None = None  # at least this many pixels wide
+    min_height: int | None = None  # at least this many pixels tall
 
     def __post_init__(self) -> None:
         for name in ("path_prefix", "caption_contains"):
             value = getattr(self, name)
-            if value is not None and (not value or len(value) > MAX_FILTER_CHARS):
+            if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_FILTER_CHARS):
                 raise IndexStoreError(f"{name} must be 1 to {MAX_FILTER_CHARS} characters")
+            if value is not None and "\x00" in value:
+                raise IndexStoreError(f"{name} must not contain NUL characters")
+        for name in ("min_width", "min_height"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE):
+                raise IndexStoreError(f"{name} must be a whole number of pixels from 1 to {MAX_SIDE}")
         after, before = self.after_seconds, self.before_seconds
         if after is not None and before is not None and after >= before:
             raise IndexStoreError(f"added_after {self.added_after} is not before added_before {self.added_before}")
@@ -55,4 +65,5 @@ class SearchFilter:
 
     @property
     def empty(self) -> bool:
-        return all(v is None for v in (self.path_prefix, self.caption_contains, self.added_after, self.added_before))
+        return all(v is None for v in (self.path_prefix, self.caption_contains, self.added_after, self.added_before,
+                                       self.min_width, self.min_height))

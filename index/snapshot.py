@@ -14,8 +14,11 @@ from . import backends, store
 from .backends import Tombstones
 from .errors import IndexStoreError
 from .files import removal_targets
+from .filter_columns import FilterColumns
+from .filtered import StoredVectors, search_filtered
 from .manifest import Manifest
 from .metadata import ImageRecord, MetadataReader
+from .search_filter import SearchFilter
 from .types import SearchResult
 
 
@@ -30,6 +33,8 @@ class Snapshot:
     tombstones: Tombstones
     mmap: bool
     half_scan: backends.HalfPrecisionScan | None = None
+    stored: StoredVectors | None = None
+    columns: FilterColumns | None = None
 
     @classmethod
     def assemble(
@@ -40,7 +45,7 @@ class Snapshot:
         kind = manifest.index_type
         tombstones = Tombstones(tombstone_ids, index, kind)
         half_scan = backends.HalfPrecisionScan.for_index(index, kind, mmap)
-        return cls(generation, manifest, index, db, tombstones, mmap, half_scan)
+        return cls(generation, manifest, index, db, tombstones, mmap, half_scan, StoredVectors(index, kind), FilterColumns(db))
 
 
 def normalise_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -93,20 +98,32 @@ def load_snapshot(directory: Path, mmap: bool) -> Snapshot:
 
 def search_snapshot(
     snapshot: Snapshot, vectors: np.ndarray, k: int, *, min_score: float | None = None,
-    ef_search: int | None = None, nprobe: int | None = None,
+    ef_search: int | None = None, nprobe: int | None = None, conditions: SearchFilter | None = None,
 ) -> list[list[SearchResult]]:
-    """The k most similar images for each query vector (rows of `vectors`), best first."""
+    """The k most similar images for each query vector (rows of `vectors`), best first; with
+    `conditions`, the k most similar among the images that pass them."""
     m = snapshot.manifest
     queries = normalise_vectors(vectors, m.dim)
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise IndexStoreError(f"k must be a positive integer, got {k!r}")
     if m.count == 0:
         return [[] for _ in range(len(queries))]
-    k_searched = int(min(k, snapshot.index.ntotal))
-    scores, ids = backends.search(
-        snapshot.index, m.index_type, queries, k_searched, m.params, snapshot.tombstones, ef_search, nprobe,
-        snapshot.half_scan,
-    )
+    allowed = None
+    if conditions is not None and not conditions.empty:
+        allowed = snapshot.columns.matching(conditions)  # removed images are gone from the metadata
+        if len(allowed) == m.count:
+            allowed = None  # everything passes: the unfiltered search is the same answer, faster
+    if allowed is not None:
+        scores, ids = search_filtered(
+            stored=snapshot.stored, queries=queries, k=int(k), allowed=allowed,
+            params=m.params, ef_search=ef_search, nprobe=nprobe,
+        )
+    else:
+        k_searched = int(min(k, snapshot.index.ntotal))
+        scores, ids = backends.search(
+            snapshot.index, m.index_type, queries, k_searched, m.params, snapshot.tombstones, ef_search, nprobe,
+            snapshot.half_scan,
+        )
     records = snapshot.db.get_many([int(i) for i in np.unique(ids) if i >= 0])
     out: list[list[SearchResult]] = []
     for row_scores, row_ids in zip(scores, ids):

@@ -211,12 +211,13 @@ def test_generated_client_classify_and_search(live, tmp_path: Path) -> None:
 _MULTIPART = ("classify", "similarity", "search_by_image", "embed_image", "add_images")
 # What no schema can say, so schema-valid requests the server rightly refuses: bytes that are not an image
 # (415), a corrupt or empty one (422), one whose header claims too many pixels (413), and captions that do
-# not pair with the images (422). Only those operations, and only the positive-data check, allow them.
+# not pair with the images (422); and, for the searches, a time filter whose interval ends before it starts or
+# whose date does not exist (422). Only those operations, and only the positive-data check, allow them.
 _REFUSES_CONTENT = '["2xx", "3xx", "401", "403", "404", "409", "413", "415", "422", "429"]'
 SCHEMATHESIS_CONFIG = "".join(
     f'[[operations]]\ninclude-operation-id = "{op}"\n'
     f"checks.positive_data_acceptance.expected-statuses = {_REFUSES_CONTENT}\n\n"
-    for op in ("classify", "similarity", "search_by_image", "add_images")
+    for op in ("classify", "similarity", "search", "search_by_image", "add_images")
 ) + "".join(
     f'[[operations]]\ninclude-operation-id = "{op}"\nchecks.negative_data_rejection.expected-statuses = ["2xx", "4xx"]\n\n'
     for op in _MULTIPART

@@ -19,6 +19,7 @@ from ..dependencies import (
 )
 from ..errors import ApiError, error_responses, image_upload_responses
 from ..schemas import SearchHit, SearchResponse
+from ..search_filters import FormFilterDep, QueryFilterDep
 from . import read_router
 
 if TYPE_CHECKING:
@@ -57,13 +58,14 @@ async def search(
     q: Annotated[str, Query(description="what to look for, e.g. 'a red envelope'")],
     k: Annotated[int, Query(description="how many results (1 to the server's max_k)")] = 10,
     min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, description="drop results below this cosine similarity")] = None,
+    conditions: QueryFilterDep = None,
 ) -> SearchResponse:
-    """The k indexed images most similar to the text, best first."""
+    """The k indexed images most similar to the text, best first; with filters, the k best among those that pass."""
     _raw_query_is_utf8(request)
     check_k(k, settings)
     check_text(q, "q", settings.max_text_chars)
     vector = (await encoders.embed_texts([q]))[0]
-    return _response(request, q, await searcher.search(vector, k, min_score), clip.model_id)
+    return _response(request, q, await searcher.search(vector, k, min_score, conditions), clip.model_id)
 
 
 @router.post(
@@ -76,9 +78,10 @@ async def search_by_image(
     image: Annotated[UploadFile, File(description="find indexed images like this one")],
     k: Annotated[int, Form(description="how many results (1 to the server's max_k)")] = 10,
     min_score: Annotated[float | None, Form(ge=-1.0, le=1.0, description="drop results below this cosine similarity")] = None,
+    conditions: FormFilterDep = None,
 ) -> SearchResponse:
-    """The k indexed images most similar to the uploaded one, best first."""
+    """The k indexed images most similar to the uploaded one, best first; with filters, the k best among those that pass."""
     check_k(k, settings)
     pixels = await read_image(decoder, image)
     vector = (await encoders.embed_pixels(pixels.unsqueeze(0)))[0]
-    return _response(request, image.filename or "image", await searcher.search(vector, k, min_score), clip.model_id)
+    return _response(request, image.filename or "image", await searcher.search(vector, k, min_score, conditions), clip.model_id)

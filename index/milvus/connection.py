@@ -208,4 +208,8 @@ def filter_expression(conditions: SearchFilter | None) -> str:
         parts.append(f"added_s >= {conditions.after_seconds}")
     if conditions.before_seconds is not None:
         parts.append(f"added_s < {conditions.before_seconds}")
+    if conditions.min_width is not None:
+        parts.append(f"width >= {int(conditions.min_width)}")
+    if conditions.min_height is not None:
+        parts.append(f"height >= {int(conditions.min_height)}")
     return " and ".join(parts)

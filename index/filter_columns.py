@@ -1,0 +1,111 @@
+"""The metadata a SearchFilter reads, held column-wise in numpy, so finding who passes takes milliseconds at 1M.
+
+SQLite answers a scan of every row in hundreds of milliseconds at a million images (it reads whole
+rows, and each passing id costs a Python object; docs/benchmarks.md, Filtered search). A generation's
+metadata never changes, so it is read once, on the first filtered search, into arrays: sizes and
+times compared whole, and paths and captions as one byte string each (UTF-8, rows separated by
+NUL), matched a needle byte at a time over the candidate positions. Byte matching is character
+matching in UTF-8, and a needle holds no NUL, so a match never spans two rows.
+"""
+
+from __future__ import annotations
+
+import calendar
+import threading
+import time
+
+import numpy as np
+
+from .metadata import MetadataReader
+from .search_filter import SearchFilter
+
+_FETCH = 50_000  # rows per fetch while loading
+
+
+def _seconds(stamp: str, cache: dict[str, int]) -> int:
+    """Seconds of the index's own "2026-12-02T07:40:31Z" form (rows added together share one stamp)."""
+    found = cache.get(stamp)
+    if found is None:
+        found = cache[stamp] = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    return found
+
+
+class _Text:
+    """Variable-length strings of every row in one NUL-separated byte array (no string objects kept)."""
+
+    def __init__(self, values: list[bytes | None]) -> None:
+        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        pieces = [v or b"" for v in values]
+        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        self.starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+        self.lengths = lengths
+        self.present = present
+        self.data = np.frombuffer(b"\x00".join(pieces) + b"\x00", dtype=np.uint8)
+
+    def starting_with(self, prefix: bytes) -> np.ndarray:
+        """Mask of rows whose text starts with `prefix`."""
+        rows = np.flatnonzero(self.present & (self.lengths >= len(prefix)))
+        for offset, byte in enumerate(prefix):
+            rows = rows[self.data[self.starts[rows] + offset] == byte]
+        mask = np.zeros(len(self.starts), dtype=bool)
+        mask[rows] = True
+        return mask
+
+    def containing(self, needle: bytes) -> np.ndarray:
+        """Mask of rows whose text holds `needle` somewhere."""
+        end = len(self.data) - len(needle) + 1
+        at = np.flatnonzero(self.data[:end] == needle[0]) if end > 0 else np.zeros(0, np.int64)
+        for offset in range(1, len(needle)):
+            at = at[self.data[at + offset] == needle[offset]]
+        mask = np.zeros(len(self.starts), dtype=bool)
+        mask[np.searchsorted(self.starts, at, side="right") - 1] = True
+        return mask & self.present
+
+
+class FilterColumns:
+    """One generation's filterable metadata; loaded on first use, shared by every search of that generation."""
+
+    def __init__(self, db: MetadataReader) -> None:
+        self._db = db
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            ids, widths, heights, added, paths, captions = [], [], [], [], [], []
+            stamps: dict[str, int] = {}
+            for rows in self._db.filter_rows(_FETCH):
+                for image_id, path, caption, width, height, stamp in rows:
+                    ids.append(image_id)
+                    paths.append(path.encode("utf-8", "surrogatepass"))
+                    captions.append(None if caption is None else caption.encode("utf-8", "surrogatepass"))
+                    widths.append(width)
+                    heights.append(height)
+                    added.append(_seconds(stamp, stamps))
+            self.ids = np.array(ids, dtype=np.int64)
+            self.widths = np.array(widths, dtype=np.int64)
+            self.heights = np.array(heights, dtype=np.int64)
+            self.added = np.array(added, dtype=np.int64)
+            self.paths = _Text(paths)
+            self.captions = _Text(captions)
+            self._loaded = True
+
+    def matching(self, conditions: SearchFilter) -> np.ndarray:
+        """Sorted ids of the images that pass every condition."""
+        self._load()
+        mask = np.ones(len(self.ids), dtype=bool)
+        if conditions.min_width is not None:
+            mask &= self.widths >= conditions.min_width
+        if conditions.min_height is not None:
+            mask &= self.heights >= conditions.min_height
+        if conditions.after_seconds is not None:
+            mask &= self.added >= conditions.after_seconds
+        if conditions.before_seconds is not None:
+            mask &= self.added < conditions.before_seconds
+        if conditions.path_prefix is not None:
+            mask &= self.paths.starting_with(conditions.path_prefix.encode("utf-8", "surrogatepass"))
+        if conditions.caption_contains is not None:
+            mask &= self.captions.containing(conditions.caption_contains.encode("utf-8", "surrogatepass"))
+        return self.ids[mask]
