@@ -21,7 +21,7 @@ from model.errors import ClipforgeError, ImageError, ImageTooLargeError
 from .batching import QueueFull
 from .forms import FormError
 from .messages import public_message
-from .route_table import reachable_routes
+from .route_table import route_table
 from .schemas import ErrorResponse
 
 log = logging.getLogger("clipforge.app")
@@ -88,7 +88,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 def _allowed_methods(request: Request) -> str:
     """Every method some route serves at this path (Starlette names only the first route's)."""
     methods: set[str] = set()
-    for route in reachable_routes(request.app.router.routes):
+    for route in route_table(request.app.router).routes():
         if route.matches(request.scope)[0] is not Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
     return ", ".join(sorted(methods))

@@ -26,7 +26,7 @@ from .errors import HTTP_CODES, ApiError
 from .logs import request_id_var
 from .messages import public_message
 from .metrics import ServiceMetrics
-from .route_table import reachable_routes
+from .route_table import route_table
 from .settings import Settings
 
 log = logging.getLogger("clipforge.access")
@@ -121,10 +121,11 @@ class AuthFirstMiddleware:
         self.app = app
         self.router = router
         self.settings = settings
+        self._table = route_table(router)  # flattened once, not walked per request (shared with the 405 handler)
         self._checks: dict[int, Callable[..., None] | None] = {}
 
     def _route(self, scope: Scope) -> BaseRoute | None:
-        for route in reachable_routes(self.router.routes):
+        for route in self._table.routes():
             if route.matches(scope)[0] is Match.FULL:
                 return route
         return None
@@ -173,10 +174,10 @@ class BodyLimitMiddleware:
         self.idle_timeout_s = idle_timeout_s
         self.total_timeout_s = total_timeout_s
 
-    def _limit(self, scope: Scope) -> int:
+    def _limit(self, headers: Headers) -> int:
         """The body limit: a JSON body carries its image as base64 (4 bytes for 3), so it may be 4/3 larger;
         app/json_form.py holds the decoded image to max_bytes itself."""
-        content_type = Headers(scope=scope).get("content-type", "").split(";", 1)[0].strip().lower()
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type == "application/json" or content_type.endswith("+json"):
             return -(-self.max_bytes // 3) * 4
         return self.max_bytes
@@ -196,8 +197,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self._limit(scope)
-        length = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        limit = self._limit(headers)
+        length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             err = self._too_large(limit)
             await send_error(send, err.status, err.code, err.message, close=True)
@@ -279,9 +281,9 @@ class JsonErrorsMiddleware:
         held: dict[str, Any] = {}
 
         async def json_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and message["status"] >= 400:
                 headers = Headers(raw=message.get("headers", []))
-                if message["status"] >= 400 and not headers.get("content-type", "").startswith("application/json"):
+                if not headers.get("content-type", "").startswith("application/json"):
                     held.update(start=message, body=b"")
                     return
             if held and message["type"] == "http.response.body":

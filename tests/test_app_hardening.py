@@ -13,14 +13,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import APIRouter, Depends
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from test_app_index import build_index
 from test_app_support import API_KEY, live_server, shape_image
 
 from app.batching import MicroBatcher, QueueFull
-from app.dependencies import prompt_sizes
+from app.dependencies import prompt_sizes, require_write_key
 from app.limits import PROMPT_BYTES_PER_TOKEN, ServingLimits
 from app.main import create_app
+from app.route_table import reachable_routes, route_table
 from app.settings import Settings
 from model import CLIPInference, label_prompts
 
@@ -141,6 +144,41 @@ def test_writes_answer_401_before_reading_the_body(client: TestClient) -> None:
     assert_error(client.post("/images", files=forty, headers={"Authorization": "Bearer wrong-key-000"}), 403, "forbidden")
     # open reads stay open
     assert client.post("/embed/text", json={"texts": ["a red circle"]}).status_code == 200
+
+
+class LateNote(BaseModel):
+    note: str
+
+
+async def _late_write(body: LateNote) -> dict[str, str]:
+    return {"note": body.note}
+
+
+async def _late_read() -> dict[str, str]:
+    return {"note": "read"}
+
+
+def test_the_route_table_is_flattened_once_and_follows_routes_added_later(tiny_checkpoint: Path) -> None:
+    app = create_app(Settings(checkpoint=tiny_checkpoint, api_keys=[API_KEY]), ServingLimits())
+    forty = [("images", (f"{i}.png", b"x")) for i in range(40)]
+    with TestClient(app) as c:
+        assert_error(c.post("/images", files=forty), 401, "unauthorized")  # the middleware stack and its table exist now
+        table = route_table(app.router)
+        flat = table.routes()
+        assert flat == tuple(reachable_routes(app.router.routes))
+        assert c.get("/healthz").status_code == 200 and table.routes() is flat  # matched again, not walked again
+        # a router included after the first request (the app's list grows), then a route added to it (its list grows)
+        late = APIRouter(prefix="/late")
+        app.include_router(late)
+        late.add_api_route("/note", _late_write, methods=["PUT"], dependencies=[Depends(require_write_key)])
+        bad_json = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        assert_error(c.put("/late/note", **bad_json), 401, "unauthorized")  # the key before the body, not its 422
+        assert c.put("/late/note", json={"note": "x"}, headers=AUTH).json() == {"note": "x"}
+        late.add_api_route("/note", _late_read, methods=["GET"])
+        r = c.options("/late/note")
+        assert_error(r, 405, "method_not_allowed")
+        assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "PUT"}  # the 405 handler reads the same table
+        assert table.routes() is not flat and table.routes() == tuple(reachable_routes(app.router.routes))
 
 
 # ---------------------------------------------------------------------- JSON errors, no object reprs
