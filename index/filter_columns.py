@@ -41,6 +41,7 @@ class _Text:
         self.lengths = lengths
         self.present = present
         self.data = np.frombuffer(b"\x00".join(pieces) + b"\x00", dtype=np.uint8)
+        self.byte_counts = np.bincount(self.data, minlength=256)  # the rarest byte of a needle anchors its search
 
     def starting_with(self, prefix: bytes) -> np.ndarray:
         """Mask of rows whose text starts with `prefix`."""
@@ -54,9 +55,12 @@ class _Text:
     def containing(self, needle: bytes) -> np.ndarray:
         """Mask of rows whose text holds `needle` somewhere."""
         end = len(self.data) - len(needle) + 1
-        at = np.flatnonzero(self.data[:end] == needle[0]) if end > 0 else np.zeros(0, np.int64)
-        for offset in range(1, len(needle)):
-            at = at[self.data[at + offset] == needle[offset]]
+        anchor = int(np.argmin(self.byte_counts[np.frombuffer(needle, dtype=np.uint8)]))
+        at = np.flatnonzero(self.data == needle[anchor]) - anchor
+        at = at[(at >= 0) & (at < end)]
+        for offset in range(len(needle)):
+            if offset != anchor:
+                at = at[self.data[at + offset] == needle[offset]]
         mask = np.zeros(len(self.starts), dtype=bool)
         mask[np.searchsorted(self.starts, at, side="right") - 1] = True
         return mask & self.present

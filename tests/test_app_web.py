@@ -61,6 +61,15 @@ def test_search_shows_an_image_grid_with_scores(browser, live) -> None:
         "Array.from(document.querySelectorAll('#results img')).every(img => img.complete && img.naturalWidth > 0)"
     )
     assert "6 results" in page.inner_text("#search-status")
+    page.click(".filters summary")
+    page.fill("#caption-contains", "square")
+    page.fill("#min-width", "40")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#search-status:has-text('4 results')")
+    assert page.locator("#results .result").count() == 4
+    assert all("square" in text for text in page.locator("#results .result").all_inner_texts())
+    page.fill("#caption-contains", "")
+    page.fill("#min-width", "")
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "web-search.png"
     page.screenshot(path=str(shot), full_page=True)

@@ -142,8 +142,8 @@ def test_min_score_still_applies(built: ImageIndex, data) -> None:
 
 
 def test_text_conditions_are_literal_and_case_sensitive(tmp_path: Path) -> None:
-    paths = ["a*b/1.png", "a?b/2.png", "a[x]/3.png", "aXb/4.png", "A*b/5.png", "a%_/6.png"]
-    captions = ["Dog", "dog", None, "a dog, 50% off", "hot[dog]", "x"]
+    paths = ["a*b/1.png", "a?b/2.png", "a[x]/3.png", "aXb/4.png", "A*b/5.png", "a%_/6.png", "été/7.png"]
+    captions = ["Dog", "dog", None, "a dog, 50% off", "hot[dog]", "x", "café au lait"]
     images = [NewImage(p, f"{i:064x}", 8, 8, c) for i, (p, c) in enumerate(zip(paths, captions))]
     idx = ImageIndex.create(tmp_path / "idx", "m", dim=DIM, index_type="flat")
     idx.add_embeddings(_vectors(len(images)), images)
@@ -159,6 +159,10 @@ def test_text_conditions_are_literal_and_case_sensitive(tmp_path: Path) -> None:
     assert paths_of(caption_contains="dog") == {"a?b/2.png", "aXb/4.png", "A*b/5.png"}
     assert paths_of(caption_contains="50% off") == {"aXb/4.png"}
     assert paths_of(caption_contains="[dog]") == {"A*b/5.png"}
+    assert paths_of(caption_contains="é au") == {"été/7.png"} and paths_of(caption_contains="lait") == {"été/7.png"}
+    assert paths_of(path_prefix="ét") == {"été/7.png"} and paths_of(caption_contains="Dog") == {"a*b/1.png"}
+    assert paths_of(caption_contains="x") == {"a%_/6.png"}
+    assert paths_of(caption_contains="dog, 50% off!") == set()
     idx.close()
 
 

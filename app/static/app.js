@@ -76,6 +76,11 @@ $("search-form").addEventListener("submit", async (event) => {
   setStatus(status, "searching…");
   try {
     const params = new URLSearchParams({ q, k: $("k").value || "12" });
+    for (const [id, name] of [["path-prefix", "path_prefix"], ["caption-contains", "caption_contains"],
+                              ["added-after", "added_after"], ["min-width", "min_width"], ["min-height", "min_height"]]) {
+      const value = $(id).value.trim();
+      if (value) params.set(name, value);
+    }
     const body = await api(`/search?${params}`);
     renderGrid($("results"), body.results);
     setStatus(status, `${body.results.length} results for “${body.query}”`);
