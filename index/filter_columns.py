@@ -4,7 +4,8 @@ SQLite answers a scan of every row in hundreds of milliseconds at a million imag
 rows, and each passing id costs a Python object; docs/benchmarks.md, Filtered search). A generation's
 metadata never changes, so it is read once, on the first filtered search, into arrays: sizes and
 times compared whole, and paths and captions as one byte string each (UTF-8, rows separated by
-NUL), matched a needle byte at a time over the candidate positions. Byte matching is character
+NUL): a prefix found by binary search over the rows' sorted first 8 bytes, a substring matched a
+needle byte at a time over the positions of its rarest byte. Byte matching is character
 matching in UTF-8, and a needle holds no NUL, so a match never spans two rows.
 """
 
@@ -42,12 +43,28 @@ class _Text:
         self.present = present
         self.data = np.frombuffer(b"\x00".join(pieces) + b"\x00", dtype=np.uint8)
         self.byte_counts = np.bincount(self.data, minlength=256)  # the rarest byte of a needle anchors its search
+        self._sorted_heads: tuple[np.ndarray, np.ndarray] | None = None  # built on the first prefix search
+
+    def _heads(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's first 8 bytes as one big-endian number (NUL-padded), sorted, and the rows in that order."""
+        if self._sorted_heads is None:
+            heads = np.zeros(len(self.starts), dtype=np.uint64)
+            for offset in range(8):
+                byte = np.where(self.lengths > offset, self.data[np.minimum(self.starts + offset, len(self.data) - 1)], 0)
+                heads = (heads << np.uint64(8)) | byte.astype(np.uint64)
+            order = np.argsort(heads, kind="stable")
+            self._sorted_heads = (heads[order], order)
+        return self._sorted_heads
 
     def starting_with(self, prefix: bytes) -> np.ndarray:
-        """Mask of rows whose text starts with `prefix`."""
-        rows = np.flatnonzero(self.present & (self.lengths >= len(prefix)))
-        for offset, byte in enumerate(prefix):
-            rows = rows[self.data[self.starts[rows] + offset] == byte]
+        """Mask of rows whose text starts with `prefix`: a range of the sorted heads, then the bytes past 8."""
+        heads, order = self._heads()
+        low = int.from_bytes(prefix[:8].ljust(8, b"\x00"), "big")
+        high = int.from_bytes(prefix[:8].ljust(8, b"\xff"), "big")
+        rows = order[np.searchsorted(heads, np.uint64(low), "left") : np.searchsorted(heads, np.uint64(high), "right")]
+        rows = rows[self.present[rows] & (self.lengths[rows] >= len(prefix))]
+        for offset in range(8, len(prefix)):
+            rows = rows[self.data[self.starts[rows] + offset] == prefix[offset]]
         mask = np.zeros(len(self.starts), dtype=bool)
         mask[rows] = True
         return mask

@@ -155,6 +155,8 @@ def test_text_conditions_are_literal_and_case_sensitive(tmp_path: Path) -> None:
     assert paths_of(path_prefix="a?") == {"a?b/2.png"}
     assert paths_of(path_prefix="a[") == {"a[x]/3.png"}
     assert paths_of(path_prefix="a%_") == {"a%_/6.png"}
+    assert paths_of(path_prefix="a*b/1.png") == {"a*b/1.png"} and paths_of(path_prefix="a*b/1.png.") == set()
+    assert paths_of(path_prefix="a*b/1.pn") == {"a*b/1.png"} and paths_of(path_prefix="a*b/1.pnh") == set()
     assert paths_of(path_prefix="a") == {"a*b/1.png", "a?b/2.png", "a[x]/3.png", "aXb/4.png", "a%_/6.png"}
     assert paths_of(caption_contains="dog") == {"a?b/2.png", "aXb/4.png", "A*b/5.png"}
     assert paths_of(caption_contains="50% off") == {"aXb/4.png"}

@@ -123,6 +123,11 @@ def test_search_get_add_delete_on_a_milvus_location(client: TestClient) -> None:
     assert {h["path"] for h in hits} == {f"{c}_{s}.png" for c in COLORS for s in SHAPES}
     cut = client.get("/search", params={"q": "a red circle", "k": 12, "min_score": hits[3]["score"]}).json()["results"]
     assert [h["id"] for h in cut] == [h["id"] for h in hits[:4]]
+    red = client.get("/search", params={"q": "a red circle", "k": 12, "path_prefix": "red_"}).json()["results"]
+    assert [h["path"] for h in red] == [h["path"] for h in hits if h["path"].startswith("red_")] and len(red) == 3
+    squares = client.post("/search/image", files={"image": ("q.png", shape_image("square", "blue", size=48))},
+                          data={"k": "12", "caption_contains": "square", "min_width": "48"}).json()["results"]
+    assert sorted(h["path"] for h in squares) == sorted(f"{c}_square.png" for c in COLORS)
     blue = shape_image("square", "blue", size=48)
     same = client.post("/search/image", files={"image": ("q.png", blue)}, data={"k": "1"}).json()["results"][0]
     assert same["path"] == "blue_square.png" and same["score"] > 0.999
