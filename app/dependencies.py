@@ -58,21 +58,28 @@ class ServiceState:
         self.max_decode_bytes = self.settings.decode_limit
 
 
-def get_state(request: Request) -> ServiceState:
+# The dependencies are `async def` though none of them awaits: FastAPI runs a plain `def` dependency in
+# the thread pool, a hop per dependency per request (docs/benchmarks.md, Service), and these only read
+# attributes.
+def _service(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_settings(request: Request) -> Settings:
-    return get_state(request).settings
+async def get_state(request: Request) -> ServiceState:
+    return _service(request)
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
-    return get_state(request).metrics
+async def get_settings(request: Request) -> Settings:
+    return _service(request).settings
 
 
-def ready_state(request: Request) -> ServiceState:
+async def get_metrics(request: Request) -> ServiceMetrics:
+    return _service(request).metrics
+
+
+async def ready_state(request: Request) -> ServiceState:
     """The state once the model is loaded; 503 before start-up finished or after shutdown began."""
-    state = get_state(request)
+    state = _service(request)
     if not state.ready or state.clip is None or state.worker is None or state.encoders is None:
         raise not_ready("the model is not loaded yet (the service is starting or shutting down)")
     return state
@@ -90,32 +97,32 @@ def _indexed(state: ServiceState) -> tuple[ImageIndex, IndexSearcher]:
     return state.index, state.searcher
 
 
-def get_clip(state: ReadyStateDep) -> CLIPInference:
+async def get_clip(state: ReadyStateDep) -> CLIPInference:
     assert state.clip is not None  # ready_state checked
     return state.clip
 
 
-def get_worker(state: ReadyStateDep) -> ModelWorker:
+async def get_worker(state: ReadyStateDep) -> ModelWorker:
     assert state.worker is not None  # ready_state checked
     return state.worker
 
 
-def get_encoders(state: ReadyStateDep) -> Encoders:
+async def get_encoders(state: ReadyStateDep) -> Encoders:
     assert state.encoders is not None  # ready_state checked
     return state.encoders
 
 
-def get_index(state: ReadyStateDep) -> ImageIndex:
+async def get_index(state: ReadyStateDep) -> ImageIndex:
     """The index; 503 when the service runs without one."""
     return _indexed(state)[0]
 
 
-def get_searcher(state: ReadyStateDep) -> IndexSearcher:
+async def get_searcher(state: ReadyStateDep) -> IndexSearcher:
     """The batched index search; 503 when the service runs without an index."""
     return _indexed(state)[1]
 
 
-def get_decoder(state: ReadyStateDep) -> ImageDecoder:
+async def get_decoder(state: ReadyStateDep) -> ImageDecoder:
     """Image decoding priced from headers and held to the decode budget (app/decode.py)."""
     assert state.clip is not None and state.decodes is not None  # ready_state checked; __post_init__ set it
     return ImageDecoder(state.clip, state.decodes, state.max_decode_bytes)
@@ -159,11 +166,11 @@ def check_key(settings: Settings, credentials: HTTPAuthorizationCredentials | No
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def require_write_key(settings: SettingsDep, credentials: BearerDep) -> None:
+async def require_write_key(settings: SettingsDep, credentials: BearerDep) -> None:
     check_key(settings, credentials)
 
 
-def require_read_key(settings: SettingsDep, credentials: BearerDep) -> None:
+async def require_read_key(settings: SettingsDep, credentials: BearerDep) -> None:
     if settings.protect_reads:
         check_key(settings, credentials)
 

@@ -58,7 +58,7 @@ def _search_filter(values: dict[str, Any]) -> "SearchFilter | None":
         raise ApiError(422, "invalid_filter", str(exc)) from None
 
 
-def query_filter(
+async def query_filter(
     path_prefix: _Q.path_prefix = None, caption_contains: _Q.caption_contains = None,
     added_after: _Q.added_after = None, added_before: _Q.added_before = None,
     min_width: _Q.min_width = None, min_height: _Q.min_height = None,
@@ -66,7 +66,7 @@ def query_filter(
     return _search_filter(locals())
 
 
-def form_filter(
+async def form_filter(
     path_prefix: _F.path_prefix = None, caption_contains: _F.caption_contains = None,
     added_after: _F.added_after = None, added_before: _F.added_before = None,
     min_width: _F.min_width = None, min_height: _F.min_height = None,
