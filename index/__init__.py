@@ -1,6 +1,7 @@
 """Image index: FAISS embeddings + SQLite metadata + manifest, bound to one checkpoint.
 
-Depends on model only. image_index.py is the API; snapshot.py the reads, additions.py the
+Depends on model; on training only in `index build`, for its data specs (--data) and, under torchrun,
+its process group (distributed_build.py). image_index.py is the API; snapshot.py the reads, additions.py the
 de-duplicated adds, commit.py the generation writes, store.py the on-disk layout and its
 atomic switch.
 """

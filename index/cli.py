@@ -75,6 +75,12 @@ def _records_from_spec(spec_text: str) -> tuple[list[Path | bytes], list[str], l
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank embeds a share, rank 0 writes
+        from .distributed_build import build
+
+        return build(args)
     where = resolve_location(args.out)
     out = where if isinstance(where, Path) else None  # a FAISS folder, or None for a Milvus collection
     if out is not None and (out / "CURRENT").exists():
