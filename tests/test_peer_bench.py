@@ -183,3 +183,28 @@ def test_help_runs_without_any_peer_environment() -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--concurrency" in out.stdout and "infinity" in out.stdout
+
+
+def test_index_peers_summary_takes_each_engines_fastest_setting_that_reaches_the_target() -> None:
+    import index_peers
+
+    def r(engine: str, setting: str, recall: float, p50: float, build: float, **extra: object) -> dict:
+        return {"engine": engine, "setting": setting, "recall@10": recall, "p50_ms": p50, "p99_ms": 2 * p50,
+                "build_s": build, "rss_mib": 1.0, **extra}
+
+    rows = [r("clipforge-hnswsq", "ef=32", 0.96, 0.3, 50), r("clipforge-hnswsq", "ef=64", 0.985, 0.5, 50),
+            r("clipforge-hnswsq", "faiss-only ef=64", 0.985, 0.2, 50, faiss_only=True),
+            r("hnswlib", "ef=64", 0.97, 0.25, 40), r("hnswlib", "ef=128", 0.99, 0.6, 40),
+            r("hnswlib", "ef=96", 0.99, 0.7, 40), r("usearch-f16", "ef=256", 0.9, 0.1, 30)]
+    summary = index_peers.fastest_per_target(rows, (0.95, 0.98, 0.995))
+    picked = {(s["target"], s["engine"]): s["setting"] for s in summary}
+    assert picked[(0.95, "clipforge-hnswsq")] == "ef=32" and picked[(0.95, "hnswlib")] == "ef=64"
+    assert picked[(0.98, "clipforge-hnswsq")] == "ef=64"  # the faiss-only row is faster but not the service path
+    assert picked[(0.98, "hnswlib")] == "ef=128"  # ef=96 reaches it too, but slower
+    assert picked[(0.95, "usearch-f16")] is None and picked[(0.995, "hnswlib")] is None
+    family = {"clipforge-hnswsq": "clipforge", "hnswlib": "hnswlib", "usearch-f16": "usearch"}
+    goal = {v["target"]: v for v in index_peers.verdicts(summary, family)}
+    assert goal[0.95]["p50_goal_met"] is False and goal[0.95]["build_goal_met"] is False  # 0.3 > 0.25 ms, 50 > 40 s
+    assert goal[0.98]["p50_goal_met"] is True and goal[0.98]["best_peer"] == "hnswlib ef=128"
+    assert goal[0.995]["p50_goal_met"] is None  # nobody reaches it: no verdict
+    assert index_peers.interleaved(["a", "b"], ["x", "y", "z"], 1) == ["b", "y", "a", "z", "x"]
