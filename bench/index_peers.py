@@ -20,8 +20,10 @@ setting of each engine that reaches it.
 
 clipforge's `import index` pulls model/ and so torch: its workers run on .venv/bin/python, the
 peers on the bench-only .venv-indexpeers (bench/index_peers_venv.sh builds it); vectors travel
-as .npy files in a temporary folder. A peer that cannot be imported or built is reported with
-its error and the others are still measured.
+as .npy files in a temporary folder. A peer that cannot be imported or built (or not within
+--build-timeout) is reported with its error, its log kept beside the JSON, and the others are
+still measured. At 100k x 512 and hnswsq's budget autofaiss picks OPQ256_768,IVF1024_HNSW32,PQ256x8
+and estimates its own training at 17 minutes; on 2 shared cores it had not finished in 30.
 
 Data: bench/index_bench.py's unit_vectors(n, 512, seed 0, intrinsic=32) (near a 32-d subspace),
 queries a separate draw (seed 1); --data realistic uses index_bench.realistic_vectors only
@@ -42,6 +44,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -525,9 +528,12 @@ def bench_size(args: argparse.Namespace, n: int) -> dict:
                 except (RuntimeError, TimeoutError) as exc:
                     info = {"event": "error", "error": str(exc)}
                 if info.get("event") != "built":
-                    run["engines"][name] = {"error": info["error"]}
-                    print(f"{name}: FAILED: {info['error']}", flush=True)
                     w.close()
+                    kept = args.out.parent / f"index_peers-{name}.log"  # the temporary folder goes; its log stays
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(w.log_path, kept)
+                    run["engines"][name] = {"error": info["error"], "log": str(kept)}
+                    print(f"{name}: FAILED: {info['error']} (its log: {kept})", flush=True)
                     continue
                 info.pop("event")
                 run["engines"][name] = info

@@ -11,7 +11,7 @@
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-VENV=.venv-indexpeers
+VENV=${VENV:-.venv-indexpeers}  # another path for a trial build
 LOG=$VENV/pip.log
 if [ -f "$VENV/.installed" ]; then echo "ready ($VENV)"; exit 0; fi
 { test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"; } || { echo "cannot create $VENV"; exit 1; }
