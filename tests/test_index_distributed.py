@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from torchrun_helpers import run_torchrun
 
 import clipforge_cli
 from index import ImageIndex, IndexStoreError
@@ -58,24 +55,8 @@ def _free_port() -> int:
 
 def _torchrun(argv: list[str], log: Path, timeout: float = 120) -> tuple[int, str]:
     """`torchrun --nproc_per_node 2 -m clipforge_cli ARGV` on CPU, killed whole on a hang."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("w") as out:  # a file, not a pipe: a hung worker cannot block reading it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master-addr", "127.0.0.1",
-             "--master-port", str(_free_port()), "-m", "clipforge_cli", *argv],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise AssertionError(f"torchrun did not finish in {timeout:g} s\n" + log.read_text()[-3000:]) from None
-    return proc.returncode, log.read_text()
+    launcher = ["--nproc_per_node", str(WORLD), "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    return run_torchrun(launcher, ["clipforge_cli", *argv], log, timeout=timeout, env={"CUDA_VISIBLE_DEVICES": ""})
 
 
 def _contents(path: Path) -> tuple[list[tuple], np.ndarray, np.ndarray, dict]:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_train_support import (
+    assert_same_weights,
+    base_config,
+    write_caption_data,
+    write_shards,
+)
+from torchrun_helpers import run_torchrun
 
 from training.config import build_config
 from training.loop import train
-
-from test_train_support import assert_same_weights, base_config, write_caption_data, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,28 +33,10 @@ def _torchrun(values: dict, cfg_file: Path, timeout: float = 240, extra: tuple[s
     lines.append("[model]")
     lines += [f"{k} = {json.dumps(v)}" for k, v in cfg.model.items()]
     cfg_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = cfg_file.with_suffix(".log")
-    with log.open("w") as out:  # a file, not a pipe: a hung worker cannot block reading it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "training.cli", "train", "--config", str(cfg_file), *extra],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # The workers run in sessions of their own; SIGTERM makes the launcher stop them first.
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise AssertionError(f"torchrun did not finish in {timeout:g} s (a collective only some ranks joined?)\n"
-                                 + log.read_text()[-3000:]) from None
-    err = log.read_text()
-    assert proc.returncode == 0, err[-3000:]
+    code, err = run_torchrun(["--standalone", "--nproc_per_node", "2"],
+                             ["training.cli", "train", "--config", str(cfg_file), *extra],
+                             cfg_file.with_suffix(".log"), timeout=timeout)
+    assert code == 0, err[-3000:]
 
 
 @pytest.mark.slow
