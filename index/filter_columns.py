@@ -14,10 +14,11 @@ from __future__ import annotations
 import calendar
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from .metadata import MetadataReader
+from .metadata import ImageRecord, MetadataReader
 from .search_filter import SearchFilter
 
 _FETCH = 50_000  # rows per fetch while loading
@@ -34,16 +35,33 @@ def _seconds(stamp: str, cache: dict[str, int]) -> int:
 class _Text:
     """Variable-length strings of every row in one NUL-separated byte array (no string objects kept)."""
 
-    def __init__(self, values: list[bytes | None]) -> None:
-        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-        pieces = [v or b"" for v in values]
-        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    def __init__(self, data: np.ndarray, lengths: np.ndarray, present: np.ndarray) -> None:
+        """data: each row's bytes followed by a NUL, row after row."""
         self.starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
         self.lengths = lengths
         self.present = present
-        self.data = np.frombuffer(b"\x00".join(pieces) + b"\x00", dtype=np.uint8)
+        self.data = data
         self.byte_counts = np.bincount(self.data, minlength=256)  # the rarest byte of a needle anchors its search
         self._sorted_heads: tuple[np.ndarray, np.ndarray] | None = None  # built on the first prefix search
+
+    @staticmethod
+    def _parts(values: list[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        pieces = [v or b"" for v in values]
+        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        return np.frombuffer(b"".join(p + b"\x00" for p in pieces), dtype=np.uint8), lengths, present
+
+    @classmethod
+    def of(cls, values: list[bytes | None]) -> _Text:
+        return cls(*cls._parts(values))
+
+    def kept_and_appended(self, keep: np.ndarray, values: list[bytes | None]) -> _Text:
+        """These rows where `keep`, then `values`: the next generation's text without re-reading the rest."""
+        data, lengths, present = self._parts(values)
+        return _Text(
+            np.concatenate([self.data[np.repeat(keep, self.lengths + 1)], data]),
+            np.concatenate([self.lengths[keep], lengths]), np.concatenate([self.present[keep], present]),
+        )
 
     def _heads(self) -> tuple[np.ndarray, np.ndarray]:
         """Each row's first 8 bytes as one big-endian number (NUL-padded), sorted, and the rows in that order."""
@@ -91,6 +109,33 @@ class FilterColumns:
         self._lock = threading.Lock()
         self._loaded = False
 
+    @classmethod
+    def following(
+        cls, previous: FilterColumns | None, db: MetadataReader, *, removed: np.ndarray, added: Sequence[ImageRecord],
+    ) -> FilterColumns:
+        """The next generation's columns: derived from the previous generation's when those are loaded, so a
+        small write costs milliseconds rather than a reload of every row on the next filtered search."""
+        columns = cls(db)
+        ascending = all(a.id < b.id for a, b in zip(added, added[1:]))  # new ids come from next_id, in order
+        if previous is not None and previous._loaded and ascending and (
+                not len(added) or not len(previous.ids) or added[0].id > previous.ids[-1]):
+            with previous._lock:
+                columns._derive(previous, removed, added)
+        return columns
+
+    def _derive(self, previous: FilterColumns, removed: np.ndarray, added: Sequence[ImageRecord]) -> None:
+        keep = ~np.isin(previous.ids, removed)
+        stamps: dict[str, int] = {}
+        self.ids = np.concatenate([previous.ids[keep], np.array([r.id for r in added], dtype=np.int64)])
+        self.widths = np.concatenate([previous.widths[keep], np.array([r.width for r in added], dtype=np.int64)])
+        self.heights = np.concatenate([previous.heights[keep], np.array([r.height for r in added], dtype=np.int64)])
+        self.added = np.concatenate([previous.added[keep],
+                                     np.array([_seconds(r.added, stamps) for r in added], dtype=np.int64)])
+        self.paths = previous.paths.kept_and_appended(keep, [r.path.encode("utf-8", "surrogatepass") for r in added])
+        self.captions = previous.captions.kept_and_appended(
+            keep, [None if r.caption is None else r.caption.encode("utf-8", "surrogatepass") for r in added])
+        self._loaded = True
+
     def _load(self) -> None:
         with self._lock:
             if self._loaded:
@@ -109,8 +154,8 @@ class FilterColumns:
             self.widths = np.array(widths, dtype=np.int64)
             self.heights = np.array(heights, dtype=np.int64)
             self.added = np.array(added, dtype=np.int64)
-            self.paths = _Text(paths)
-            self.captions = _Text(captions)
+            self.paths = _Text.of(paths)
+            self.captions = _Text.of(captions)
             self._loaded = True
 
     def matching(self, conditions: SearchFilter) -> np.ndarray:

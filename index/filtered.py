@@ -53,6 +53,18 @@ class StoredVectors:
         ids = self._tables()[0]
         return np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
+    def held_ids(self) -> np.ndarray:
+        """Every id this index stores, sorted."""
+        return self._tables()[1]
+
+    def held(self, ids: np.ndarray) -> np.ndarray:
+        """The ones among sorted `ids` that this index stores."""
+        sorted_ids = self._tables()[1]
+        if not len(sorted_ids):
+            return ids[:0]
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        return ids[sorted_ids[at] == ids]
+
     def positions_of(self, ids: np.ndarray) -> np.ndarray:
         """Positions of the ids the index holds (every passing id: metadata and index are one generation)."""
         _, sorted_ids, order = self._tables()

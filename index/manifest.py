@@ -31,6 +31,7 @@ class Manifest:
     uploads_in_index: bool = False
     count: int = 0
     tombstones: int = 0
+    delta_count: int = 0  # vectors in the generation's delta segment (segments.py); 0: it has none
     next_id: int = 1
     generation: int = 1
     metric: str = METRIC

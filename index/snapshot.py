@@ -19,6 +19,7 @@ from .filtered import StoredVectors, search_filtered
 from .manifest import Manifest
 from .metadata import ImageRecord, MetadataReader
 from .search_filter import SearchFilter
+from .segments import DELTA_FILE, delta_kind, merge_top
 from .types import SearchResult
 
 
@@ -35,17 +36,43 @@ class Snapshot:
     half_scan: backends.HalfPrecisionScan | None = None
     stored: StoredVectors | None = None
     columns: FilterColumns | None = None
+    delta: faiss.Index | None = None  # the delta segment (segments.py): recent additions beside `index`
+    delta_tombstones: Tombstones | None = None
+    delta_stored: StoredVectors | None = None
+
+    @property
+    def delta_kind(self) -> str:
+        return delta_kind(self.manifest.index_type)
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors stored in both parts, tombstoned ones included."""
+        return int(self.index.ntotal) + (int(self.delta.ntotal) if self.delta is not None else 0)
 
     @classmethod
     def assemble(
         cls, *, generation: int, manifest: Manifest, index: faiss.Index, db: MetadataReader,
-        tombstone_ids: np.ndarray, mmap: bool,
+        tombstone_ids: np.ndarray, mmap: bool, delta: faiss.Index | None = None, same_main_as: Snapshot | None = None,
+        columns: FilterColumns | None = None,
     ) -> Snapshot:
-        """A snapshot with the tombstone selector and half-precision scan its index calls for."""
+        """A snapshot with the tombstone selectors and half-precision scan its parts call for.
+
+        same_main_as: an earlier snapshot whose main index object this one keeps, so its
+        position tables and float16 scan are reused rather than rebuilt on every small write;
+        columns: the filter columns when the writer derived them (else loaded on first use).
+        """
         kind = manifest.index_type
         tombstones = Tombstones(tombstone_ids, index, kind)
-        half_scan = backends.HalfPrecisionScan.for_index(index, kind, mmap)
-        return cls(generation, manifest, index, db, tombstones, mmap, half_scan, StoredVectors(index, kind), FilterColumns(db))
+        if same_main_as is not None and same_main_as.index is index:
+            half_scan, stored = same_main_as.half_scan, same_main_as.stored
+        else:
+            half_scan, stored = backends.HalfPrecisionScan.for_index(index, kind, mmap), StoredVectors(index, kind)
+        delta_parts: tuple = (None, None, None)
+        if delta is not None and delta.ntotal:
+            dkind = delta_kind(kind)
+            delta_parts = (delta, Tombstones(tombstone_ids, delta, dkind), StoredVectors(delta, dkind))
+        return cls(generation, manifest, index, db, tombstones, mmap, half_scan, stored, columns or FilterColumns(db),
+                   *delta_parts)
 
 
 def normalise_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -82,16 +109,23 @@ def load_snapshot(directory: Path, mmap: bool) -> Snapshot:
                 raise IndexStoreError(f"{gen_dir} is incomplete")
             db = MetadataReader(gen_dir / store.DB_FILE)
             index = read_faiss(gen_dir / store.FAISS_FILE, mmap)
+            delta = None
+            if manifest.delta_count:  # a missing file is a generation retired under us (retried) or damage
+                if not (gen_dir / DELTA_FILE).is_file():
+                    raise IndexStoreError(f"{gen_dir} is incomplete (no {DELTA_FILE})")
+                delta = read_faiss(gen_dir / DELTA_FILE, mmap)
         except IndexStoreError as exc:
             if store.read_current(directory) != generation:
                 last = exc
                 continue  # replaced under us: read the new pointer
             raise
-        if index.d != manifest.dim:
-            raise IndexStoreError(f"{gen_dir}: FAISS index has dimension {index.d}, manifest says {manifest.dim}")
+        if index.d != manifest.dim or (delta is not None and (delta.d != manifest.dim or delta.ntotal != manifest.delta_count)):
+            raise IndexStoreError(f"{gen_dir}: its FAISS files do not match the manifest (dimension {manifest.dim}, "
+                                  f"{manifest.delta_count} delta vectors)")
         tombstone_ids = np.array(db.tombstones() if manifest.tombstones else [], dtype=np.int64)
         return Snapshot.assemble(
             generation=generation, manifest=manifest, index=index, db=db, tombstone_ids=tombstone_ids, mmap=mmap,
+            delta=delta,
         )
     raise IndexStoreError(f"{directory} keeps changing while being opened: {last}")
 
@@ -114,16 +148,19 @@ def search_snapshot(
         if len(allowed) == m.count:
             allowed = None  # everything passes: the unfiltered search is the same answer, faster
     if allowed is not None:
-        scores, ids = search_filtered(
-            stored=snapshot.stored, queries=queries, k=int(k), allowed=allowed,
-            params=m.params, ef_search=ef_search, nprobe=nprobe,
-        )
+        scores, ids = _filtered_parts(snapshot, queries, int(k), allowed, ef_search=ef_search, nprobe=nprobe)
     else:
         k_searched = int(min(k, snapshot.index.ntotal))
         scores, ids = backends.search(
             snapshot.index, m.index_type, queries, k_searched, m.params, snapshot.tombstones, ef_search, nprobe,
             snapshot.half_scan,
         )
+        if snapshot.delta is not None:
+            recent = backends.search(
+                snapshot.delta, snapshot.delta_kind, queries, int(min(k, snapshot.delta.ntotal)), m.params,
+                snapshot.delta_tombstones, ef_search, nprobe,
+            )
+            scores, ids = merge_top((scores, ids), recent, int(k))
     records = snapshot.db.get_many([int(i) for i in np.unique(ids) if i >= 0])
     out: list[list[SearchResult]] = []
     for row_scores, row_ids in zip(scores, ids):
@@ -137,10 +174,36 @@ def search_snapshot(
     return out
 
 
+def _filtered_parts(
+    snapshot: Snapshot, queries: np.ndarray, k: int, allowed: np.ndarray, *, ef_search: int | None,
+    nprobe: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The filtered search in the main index and the delta, each over the passing ids it holds, merged."""
+    params = snapshot.manifest.params
+    if snapshot.delta is None:
+        return search_filtered(stored=snapshot.stored, queries=queries, k=k, allowed=allowed, params=params,
+                               ef_search=ef_search, nprobe=nprobe)
+    recent = snapshot.delta_stored.held(allowed)
+    main = search_filtered(stored=snapshot.stored, queries=queries, k=k, allowed=np.setdiff1d(allowed, recent),
+                           params=params, ef_search=ef_search, nprobe=nprobe)
+    extra = search_filtered(stored=snapshot.delta_stored, queries=queries, k=k, allowed=recent, params=params,
+                            ef_search=ef_search, nprobe=nprobe)
+    return merge_top(main, extra, k)
+
+
+def stored_ids(snapshot: Snapshot) -> np.ndarray:
+    """Every id the FAISS parts hold, tombstoned ones included (main index first)."""
+    kind = snapshot.manifest.index_type
+    main = backends.stored_ids(snapshot.index, kind)
+    if snapshot.delta is None:
+        return main
+    return np.concatenate([main, backends.stored_ids(snapshot.delta, snapshot.delta_kind)])
+
+
 def verify_snapshot(snapshot: Snapshot, directory: Path) -> dict[str, int]:
     """Check that FAISS, SQLite and the manifest agree; raises IndexStoreError when they do not."""
     m = snapshot.manifest
-    faiss_ids = backends.stored_ids(snapshot.index, m.index_type)
+    faiss_ids = stored_ids(snapshot)
     live = np.setdiff1d(faiss_ids, snapshot.tombstones.ids)
     db_ids = np.array(snapshot.db.all_ids(), dtype=np.int64)
     problems = []
@@ -156,7 +219,7 @@ def verify_snapshot(snapshot: Snapshot, directory: Path) -> dict[str, int]:
         problems.append("an id is not below next_id")
     if problems:
         raise IndexStoreError(f"index {directory} is inconsistent: " + "; ".join(problems))
-    return {"count": len(db_ids), "faiss_ntotal": int(snapshot.index.ntotal), "tombstones": len(snapshot.tombstones)}
+    return {"count": len(db_ids), "faiss_ntotal": snapshot.ntotal, "tombstones": len(snapshot.tombstones)}
 
 
 def describe_snapshot(snapshot: Snapshot, *, directory: Path, root: Path, uploads_dir: Path) -> dict[str, Any]:
@@ -172,7 +235,7 @@ def describe_snapshot(snapshot: Snapshot, *, directory: Path, root: Path, upload
         "checkpoint_path": m.checkpoint_path, "root": str(root), "uploads": str(uploads_dir),
         "tombstones": m.tombstones, "next_id": m.next_id, "generation": snapshot.generation,
         "created": m.created, "updated": m.updated, "size_bytes": size, "mmap": snapshot.mmap,
-        "faiss_ntotal": int(snapshot.index.ntotal),
+        "faiss_ntotal": snapshot.ntotal, "delta_count": int(snapshot.delta.ntotal) if snapshot.delta is not None else 0,
     }
 
 

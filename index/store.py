@@ -4,7 +4,8 @@
       CURRENT            name of the live generation, replaced atomically (write, fsync, rename)
       .lock              file lock serialising writers across processes
       gen-00000007/      one complete, immutable generation:
-        index.faiss        the FAISS index
+        index.faiss        the FAISS index (often a hard link to the previous generation's)
+        delta.faiss        on a large index, the vectors added since index.faiss was written (segments.py)
         meta.sqlite        metadata
         manifest.json      checkpoint hash, dim, metric, type and params, count, times
       uploads/           files the index stores itself (add_bytes, --copy)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from index_helpers import kill_9_and_read_acks
 
-from index import ImageIndex, NewImage
+from index import ImageIndex, NewImage, segments
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32
@@ -23,8 +23,10 @@ DIM = 32
 # A writer that never stops: it prints what it is about to remove and every acknowledged
 # (returned) add and remove, so the parent knows what must survive a kill.
 WRITER = r"""
-import sys, numpy as np
-from index import ImageIndex, NewImage
+import os, sys, numpy as np
+from index import ImageIndex, NewImage, segments
+if os.environ.get("SEGMENT_FROM"):  # the delta segment at test size (its 1M code path)
+    segments.SEGMENT_FROM, segments.DELTA_SHARE = int(os.environ["SEGMENT_FROM"]), 4.0
 path, seed, mode, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 rng = np.random.default_rng(seed)
 idx = ImageIndex.open(path)
@@ -58,8 +60,12 @@ def base_images(n: int) -> list[NewImage]:
     return [NewImage(f"base/{i}.png", f"base-{i}".ljust(64, "b"), 1, 1) for i in range(n)]
 
 
-def start_writer(path: Path, seed: int, mode: str = "forever", rounds: int = 0) -> subprocess.Popen:
+def start_writer(
+    path: Path, seed: int, mode: str = "forever", rounds: int = 0, segment_from: int | None = None,
+) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if segment_from is not None:
+        env["SEGMENT_FROM"] = str(segment_from)
     return subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path), str(seed), mode, str(rounds)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
@@ -72,8 +78,13 @@ def wait_ready(proc: subprocess.Popen) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
-def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "flat+delta", "hnsw+delta"])
+def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """+delta: writes go to the delta segment (four times the main index, then folded in), as at 1M."""
+    kind, _, delta = kind.partition("+")
+    if delta:
+        monkeypatch.setattr(segments, "SEGMENT_FROM", 50)
+        monkeypatch.setattr(segments, "DELTA_SHARE", 4.0)
     path = tmp_path / "idx"
     idx = ImageIndex.create(path, "m" * 64, dim=DIM, index_type=kind, params={"nlist": 8})
     base = 1100 if kind == "ivfpq" else 60  # ivfpq trains once it holds 1000 vectors
@@ -83,7 +94,7 @@ def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str) -> 
     acked_del: set[int] = set()
     rng = random.Random(kind)
     for attempt in range(1 if kind == "ivfpq" else 2):
-        proc = start_writer(path, seed=attempt + 10 * len(kind))
+        proc = start_writer(path, seed=attempt + 10 * len(kind), segment_from=50 if delta else None)
         wait_ready(proc)
         time.sleep(rng.uniform(0.05, 0.8))  # lands anywhere: between commits, inside one, in a fsync
         acks = kill_9_and_read_acks(proc)
@@ -106,6 +117,7 @@ def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str) -> 
         reopened.close()
     idx.add_embeddings(unit(1, 98), [NewImage("after.png", "a" * 64, 1, 1)])  # a writer cleans up after the crash
     assert not [p for p in os.listdir(path) if p.endswith(".tmp")]
+    assert bool(idx.info()["delta_count"]) == bool(delta)
     idx.verify()
 
 
