@@ -15,6 +15,7 @@ import calendar
 import threading
 import time
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class FilterColumns:
         """The next generation's columns: derived from the previous generation's when those are loaded, so a
         small write costs milliseconds rather than a reload of every row on the next filtered search."""
         columns = cls(db)
-        ascending = all(a.id < b.id for a, b in zip(added, added[1:]))  # new ids come from next_id, in order
+        ascending = all(a.id < b.id for a, b in pairwise(added))  # new ids come from next_id, in order
         if previous is not None and previous._loaded and ascending and (
                 not len(added) or not len(previous.ids) or added[0].id > previous.ids[-1]):
             with previous._lock:
