@@ -30,7 +30,7 @@ from .files import relative_to_root, resolve_inside
 from .filter_columns import FilterColumns
 from .manifest import Manifest
 from .metadata import ImageRecord, MetadataReader, MetadataWriter
-from .segments import DELTA_FILE, delta_capacity, delta_kind
+from .segments import DELTA_FILE, delta_capacity, delta_kind, delta_params
 from .snapshot import Snapshot, read_faiss
 
 # An index that cannot delete (HNSW, re-ranked IVF-PQ) is rebuilt without its tombstones past this share.
@@ -168,7 +168,7 @@ def _edited_delta(
         if delta is not None:
             delta = _editable(delta, old_dir / DELTA_FILE, snapshot.mmap)
         else:
-            delta = backends.new_index(kind, snapshot.manifest.dim, params)[0]
+            delta = backends.new_index(kind, snapshot.manifest.dim, delta_params(params))[0]
         if deletes:
             backends.remove(delta, remove_ids[in_delta])
         backends.add(delta, vectors, ids)
