@@ -155,7 +155,7 @@ class MicroBatcher(Generic[T, R]):
                 results = await loop.run_in_executor(self.executor, self.fn, [p.item for p in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self.name} batch returned {len(results)} results for {len(batch)} items")
-            except Exception as exc:  # every waiting request gets the error, the collector lives on
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the collector lives on
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)

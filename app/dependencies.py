@@ -191,7 +191,7 @@ def check_text(text: str, what: str, max_chars: int) -> str:
 
 def check_texts(texts: list[str], what: str, max_count: int, max_chars: int) -> list[str]:
     if not texts:
-        raise ApiError(422, "missing_texts", f"at least one {what[:-1] if what.endswith('s') else what} is required")
+        raise ApiError(422, "missing_texts", f"at least one {what.removesuffix('s')} is required")
     if len(texts) > max_count:
         raise ApiError(422, "too_many_texts", f"{len(texts):,} {what} given; the limit is {max_count:,}")
     return [check_text(t, f"{what}[{i}]", max_chars) for i, t in enumerate(texts)]

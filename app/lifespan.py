@@ -92,7 +92,9 @@ async def _follow_index(state: ServiceState, every_s: float) -> None:
 
 def load_onnx(settings: Settings, clip: CLIPInference) -> OnnxEncoder:
     """The ONNX export to encode with; refused unless it was exported from this very checkpoint."""
-    from interop.onnx_runtime import OnnxEncoder  # only an ONNX service imports onnxruntime
+    from interop.onnx_runtime import (
+        OnnxEncoder,  # only an ONNX service imports onnxruntime
+    )
 
     assert settings.onnx is not None
     encoder = OnnxEncoder(settings.onnx, threads=settings.threads)

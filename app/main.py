@@ -17,7 +17,12 @@ from .dependencies import ServiceState
 from .errors import install_error_handlers
 from .lifespan import lifespan
 from .limits import ServingLimits, load_limits
-from .middleware import AuthFirstMiddleware, BodyLimitMiddleware, JsonErrorsMiddleware, RequestContextMiddleware
+from .middleware import (
+    AuthFirstMiddleware,
+    BodyLimitMiddleware,
+    JsonErrorsMiddleware,
+    RequestContextMiddleware,
+)
 from .multipart_guard import MultipartGuardMiddleware
 from .openapi import DESCRIPTION, TAGS, install_openapi
 from .routers import classify, embed, images, search, similarity, system

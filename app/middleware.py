@@ -21,7 +21,12 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .dependencies import bearer_credentials, check_key, require_read_key, require_write_key
+from .dependencies import (
+    bearer_credentials,
+    check_key,
+    require_read_key,
+    require_write_key,
+)
 from .errors import HTTP_CODES, ApiError
 from .logs import request_id_var
 from .messages import public_message

@@ -190,7 +190,7 @@ class Settings(BaseSettings):
         return level
 
     @model_validator(mode="after")
-    def _reads_need_keys(self) -> "Settings":
+    def _reads_need_keys(self) -> Settings:
         if self.protect_reads and not self.api_keys:
             raise ValueError("protect_reads needs at least one key in api_keys")
         if self.onnx is not None and self.device != "cpu":

@@ -37,10 +37,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import build_config  # noqa: E402
-from training.eval_report import evaluate_checkpoint  # noqa: E402
-from training.logs import read_metrics  # noqa: E402
-from training.loop import train  # noqa: E402
+from training.config import build_config
+from training.eval_report import evaluate_checkpoint
+from training.logs import read_metrics
+from training.loop import train
 
 SHARED = ROOT.parent / "shared" / "data"
 CACHE = ROOT / ".cache" / "bench"
@@ -64,8 +64,8 @@ FLICKR_MODEL = {"img_dim": 128, "img_n_heads": 4, "img_n_layers": 4, "text_dim":
 
 
 def _base(out: Path, **kw: Any) -> dict[str, Any]:
-    cfg = dict(out=str(out), progress=False, tensorboard=True, plots=True, num_workers=1, keep_checkpoints=0,
-               log_every=10, seed=0, threads=THREADS)
+    cfg = {"out": str(out), "progress": False, "tensorboard": True, "plots": True, "num_workers": 1,
+           "keep_checkpoints": 0, "log_every": 10, "seed": 0, "threads": THREADS}
     cfg.update(kw)
     return cfg
 

@@ -53,7 +53,7 @@ def train_model(minutes: float, threads: int) -> Path:
     return ckpt
 
 
-def _augmented(path: Path, which: int):  # noqa: ANN202 - PIL image
+def _augmented(path: Path, which: int):
     from PIL import Image, ImageEnhance, ImageOps
 
     img = Image.open(path).convert("RGB")
@@ -64,7 +64,7 @@ def _augmented(path: Path, which: int):  # noqa: ANN202 - PIL image
     return img
 
 
-def _embed(clip, images: list, batch: int = 256) -> np.ndarray:  # noqa: ANN001
+def _embed(clip, images: list, batch: int = 256) -> np.ndarray:
     import torch
 
     out = []

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import CLIPConfig, ImageTransform, load_and_preprocess, preset_config  # noqa: E402
-from model.errors import ClipforgeError  # noqa: E402
-from model.vision import VisionTransformer  # noqa: E402
-from training.config import parse_model_override  # noqa: E402
-from training.data import generate_shapes  # noqa: E402
-from training.data.shapes import SHAPES  # noqa: E402
+from model import CLIPConfig, ImageTransform, load_and_preprocess, preset_config
+from model.errors import ClipforgeError
+from model.vision import VisionTransformer
+from training.config import parse_model_override
+from training.data import generate_shapes
+from training.data.shapes import SHAPES
 
 CACHE = ROOT / ".cache" / "bench"
 RESULTS = ROOT / "bench" / "results"

@@ -3,10 +3,22 @@
 Imports nothing else of clipforge; everything else builds on it.
 """
 
-from .checkpoint import content_hash, load_checkpoint, read_meta, save_checkpoint, update_meta
+from .checkpoint import (
+    content_hash,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    update_meta,
+)
 from .clip import CLIP
 from .config import PRESETS, CLIPConfig, preset_config
-from .errors import CheckpointError, ClipforgeError, ConfigError, ImageError, ImageTooLargeError
+from .errors import (
+    CheckpointError,
+    ClipforgeError,
+    ConfigError,
+    ImageError,
+    ImageTooLargeError,
+)
 from .image import DEFAULT_MAX_PIXELS, ImageTransform, load_and_preprocess, open_image
 from .inference import CLIPInference
 from .loss import caption_groups, clip_loss

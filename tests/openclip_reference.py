@@ -61,7 +61,8 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 def write_clip_bpe_files(directory: Path) -> None:
     """vocab.json + merges.txt as a hub repo carries them, built from open_clip's own BPE file."""
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     units = list(bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]

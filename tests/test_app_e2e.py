@@ -19,7 +19,14 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from test_app_index import build_index
-from test_app_support import API_KEY, ROOT, live_server, png_bomb, shape_image, truncated_jpeg
+from test_app_support import (
+    API_KEY,
+    ROOT,
+    live_server,
+    png_bomb,
+    shape_image,
+    truncated_jpeg,
+)
 
 from model import CLIPInference
 
@@ -163,7 +170,7 @@ def test_generated_client_classify_and_search(live, tmp_path: Path) -> None:
                                   "post_hooks": [OPC_UNSET_IMPORT]}), encoding="utf-8")
     out = tmp_path / "gen" / "clipforge_client"
     run = subprocess.run([str(generator), "generate", "--path", str(schema), "--meta", "none", "--output-path", str(out),
-                          "--config", str(config)], capture_output=True, text=True, timeout=120)
+                          "--config", str(config)], capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0 and (out / "api" / "classify" / "classify.py").exists(), run.stdout + run.stderr
     sys.path.insert(0, str(out.parent))
     try:
@@ -254,7 +261,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(reads: str, re
         "--seed", "7", "--checks", "all",
         "--header", f"Authorization: Bearer {API_KEY}", "--request-timeout", "30", "--workers", "1",
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
     assert run.returncode == 0, run.stdout[run.stdout.find("FAILURES"):][:20000] + run.stderr[-2000:]
     log = server.log.read_text()
     assert '"status": 500' not in log and "unexpected error" not in log
@@ -294,7 +301,7 @@ def test_start_up_errors_are_one_line(tiny_checkpoint: Path, tmp_path: Path) -> 
         import os
 
         return subprocess.run([sys.executable, "-m", "clipforge_cli", "serve", *args], capture_output=True, text=True,
-                              timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
+                              timeout=120, cwd=ROOT, env={**os.environ, **(env or {})}, check=False)
 
     bad_port = serve("--checkpoint", str(tiny_checkpoint), "--port", "70000")
     assert bad_port.returncode == 2 and "CLIPFORGE_PORT" in bad_port.stderr and "Traceback" not in bad_port.stderr

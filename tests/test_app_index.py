@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_app_support import API_KEY, COLORS, png_bomb, shape_image
 from test_app_api import assert_error
+from test_app_support import API_KEY, COLORS, png_bomb, shape_image
 
 from app.main import create_app
 from app.settings import Settings
@@ -271,9 +271,8 @@ def test_index_from_another_checkpoint_is_refused(tiny_checkpoint: Path, tmp_pat
     other = tmp_path / "other"
     ImageIndex.create(other, "0" * 64, dim=128).close()
     app = create_app(Settings(checkpoint=tiny_checkpoint, index=other))
-    with pytest.raises(IndexMismatchError, match="built with checkpoint"):
-        with TestClient(app):
-            pass
+    with pytest.raises(IndexMismatchError, match="built with checkpoint"), TestClient(app):
+        pass
 
 
 def test_embeddings_of_search_hits_are_consistent(client: TestClient, clip: CLIPInference, index_dir: Path) -> None:

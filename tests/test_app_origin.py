@@ -13,9 +13,9 @@ from app.settings import Settings
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from test_interop_hf import _hf_dir, bpe_dir  # noqa: E402,F401  (bpe_dir: the module-scoped fixture)
+from test_interop_hf import _hf_dir, bpe_dir  # noqa: F401  (bpe_dir: the module-scoped fixture)
 
-from interop.hf import import_hf  # noqa: E402
+from interop.hf import import_hf
 
 
 def _info(checkpoint: Path) -> dict:
@@ -25,7 +25,7 @@ def _info(checkpoint: Path) -> dict:
     return response.json()
 
 
-def test_info_of_an_imported_model_names_its_source_and_licence(tmp_path: Path, bpe_dir: Path) -> None:
+def test_info_of_an_imported_model_names_its_source_and_licence(tmp_path: Path, bpe_dir: Path) -> None:  # noqa: F811 - the fixture imported above
     _, src = _hf_dir(tmp_path / "hf", bpe_dir, license_card=True)
     import_hf(src, tmp_path / "ckpt")
     origin = _info(tmp_path / "ckpt")["origin"]

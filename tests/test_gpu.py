@@ -24,14 +24,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_support import SMALL, base_config, draw, weights, write_caption_data
 
-from model import CLIP, CLIPInference, clip_loss, content_hash, load_checkpoint, preset_config, save_checkpoint
+from model import (
+    CLIP,
+    CLIPInference,
+    clip_loss,
+    content_hash,
+    load_checkpoint,
+    preset_config,
+    save_checkpoint,
+)
 from model.config import CLIPConfig
 from training.config import build_config
 from training.loop import train
 from training.run_state import load_trainer_state
-
-from test_train_support import SMALL, base_config, draw, weights, write_caption_data
 
 pytestmark = [
     pytest.mark.gpu,
@@ -119,7 +126,7 @@ def test_gpu_fp32_agrees_with_cpu_fp32() -> None:
 
 
 def test_checkpoint_saved_on_gpu_loads_on_cpu_with_identical_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model, tokenizer, meta = load_checkpoint(tiny_checkpoint, device=CUDA)
+    model, tokenizer, _meta = load_checkpoint(tiny_checkpoint, device=CUDA)
     model.train()
     pixels, ids = (t.to(CUDA) for t in random_batch(model.cfg, 8))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -182,8 +189,8 @@ def deterministic() -> Iterator[None]:
 
 def test_resume_on_gpu_after_sigkill_equals_uninterrupted(tmp_path: Path, deterministic: None) -> None:
     data = write_caption_data(tmp_path / "caps", n=96)  # 76 training images: 9 steps an epoch, 18 in all
-    common = dict(epochs=2, save_every=1, device="cuda", precision="fp32",
-                  model={**SMALL, "img_dropout_rate": 0.1, "text_dropout_rate": 0.1})  # dropout: CUDA RNG state matters
+    common = {"epochs": 2, "save_every": 1, "device": "cuda", "precision": "fp32",
+              "model": {**SMALL, "img_dropout_rate": 0.1, "text_dropout_rate": 0.1}}  # dropout: CUDA RNG state matters
     train(build_config(base_config(data, tmp_path / "ref", **common)))
     train(build_config(base_config(data, tmp_path / "ref2", **common)))
     noise = _max_diff(tmp_path / "ref" / "last", tmp_path / "ref2" / "last")  # what the GPU varies between two runs

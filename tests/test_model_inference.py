@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from model import DEFAULT_TEMPLATES, CLIPInference, ImageError, ImageTooLargeError, content_hash
+from model import (
+    DEFAULT_TEMPLATES,
+    CLIPInference,
+    ImageError,
+    ImageTooLargeError,
+    content_hash,
+)
 
 
 @pytest.fixture(scope="module")

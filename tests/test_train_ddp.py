@@ -42,7 +42,7 @@ def _torchrun(values: dict, cfg_file: Path, timeout: float = 240, extra: tuple[s
 @pytest.mark.slow
 def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     data = write_caption_data(tmp_path / "data", n=40)
-    settings = dict(max_steps=3, log_every=1, val_fraction=0.0, accum_steps=2)
+    settings = {"max_steps": 3, "log_every": 1, "val_fraction": 0.0, "accum_steps": 2}
     single = build_config(base_config(data, tmp_path / "single", **settings))
     train(single)
 
@@ -115,7 +115,7 @@ def test_resumed_ddp_run_counts_unreadable_images_like_an_uninterrupted_one(tmp_
     """The counts of unreadable images are run totals over all ranks. They were saved as rank 0's own
     count and restored on every rank, so a resumed run reported rank 0's share times the world size."""
     data = write_caption_data(tmp_path / "data", n=40, n_corrupt=12)
-    settings = dict(log_every=1, val_fraction=0.0, max_bad_fraction=0.9, epochs=2)  # 5 steps an epoch
+    settings = {"log_every": 1, "val_fraction": 0.0, "max_bad_fraction": 0.9, "epochs": 2}  # 5 steps an epoch
     _torchrun(base_config(data, tmp_path / "whole", max_steps=8, **settings), tmp_path / "whole.toml")
     _torchrun(base_config(data, tmp_path / "split", max_steps=3, save_every=3, **settings), tmp_path / "a.toml")
     _torchrun(base_config(data, tmp_path / "split", max_steps=8, save_every=3, **settings), tmp_path / "b.toml",
@@ -133,8 +133,8 @@ def test_ddp_resume_with_dropout_equals_an_uninterrupted_run(tmp_path: Path) -> 
     from test_train_support import SMALL
 
     data = write_caption_data(tmp_path / "data", n=40)
-    settings = dict(log_every=1, val_fraction=0.0, epochs=2, model={**SMALL, "img_dropout_rate": 0.2,
-                                                                    "text_dropout_rate": 0.2})
+    settings = {"log_every": 1, "val_fraction": 0.0, "epochs": 2, "model": {**SMALL, "img_dropout_rate": 0.2,
+                                                                           "text_dropout_rate": 0.2}}
     _torchrun(base_config(data, tmp_path / "whole", max_steps=6, **settings), tmp_path / "whole.toml")
     _torchrun(base_config(data, tmp_path / "split", max_steps=3, save_every=3, **settings), tmp_path / "a.toml")
     _torchrun(base_config(data, tmp_path / "split", max_steps=6, save_every=3, **settings), tmp_path / "b.toml",

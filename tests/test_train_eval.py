@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import math
-
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_support import write_imagefolder
 
 import clipforge_cli
 from model import load_checkpoint, read_meta
 from model.zeroshot import top_k_accuracy as zeroshot_metrics
 from training.evaluate import class_embeddings, contrastive_val_loss, retrieval_metrics
-
-from test_train_support import write_imagefolder
 
 
 def _unit(*rows: tuple[float, ...]) -> torch.Tensor:
@@ -136,6 +134,7 @@ def test_eval_command_writes_report_into_meta(tiny_checkpoint: Path, tmp_path: P
 
 def test_eval_on_caption_data_reports_recall(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from test_train_support import write_caption_data
+
     from training.eval_report import evaluate_checkpoint
 
     ckpt = tmp_path / "ckpt"
@@ -149,8 +148,9 @@ def test_eval_on_caption_data_reports_recall(tiny_checkpoint: Path, tmp_path: Pa
 
 
 def test_demo_prints_probability_per_text(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
-    from test_train_support import draw
     import random
+
+    from test_train_support import draw
 
     img = tmp_path / "x.png"
     draw("red", "circle", random.Random(0)).save(img)

@@ -14,6 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_support import (
+    SMALL,
+    assert_same_weights,
+    base_config,
+    write_caption_data,
+    write_imagefolder,
+    write_shards,
+)
 
 import clipforge_cli
 from model import load_checkpoint, read_meta
@@ -22,9 +30,6 @@ from training.config import build_config
 from training.data import DataError
 from training.loop import train
 from training.run_state import find_resumable, load_trainer_state
-
-from test_train_support import (SMALL, assert_same_weights, base_config, write_caption_data, write_imagefolder,
-                                write_shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +65,7 @@ def _last_step(run: Path) -> int:
 
 def test_resume_after_sigkill_equals_uninterrupted(caption_data: Path, tmp_path: Path) -> None:
     # 2 epochs of 4 steps, so the resumed part crosses an epoch boundary (new shuffle, new captions).
-    common = dict(epochs=2, save_every=1, model={**SMALL, "img_dropout_rate": 0.1, "text_dropout_rate": 0.1})
+    common = {"epochs": 2, "save_every": 1, "model": {**SMALL, "img_dropout_rate": 0.1, "text_dropout_rate": 0.1}}
     ref = build_config(base_config(caption_data, tmp_path / "ref", **common))
     train(ref)
     total = load_trainer_state(tmp_path / "ref" / "last")[1]["step"]
@@ -131,7 +136,7 @@ def test_checkpoint_survives_sigkill_during_saves(tmp_path: Path) -> None:
         child.wait()
     found = find_resumable(target)
     assert found is not None
-    model, tok, meta = load_checkpoint(found)  # verifies the content hash
+    _model, _tok, meta = load_checkpoint(found)  # verifies the content hash
     tensors, info = load_trainer_state(found)
     assert info["step"] == meta["step"] >= 1 and "optim.0.exp_avg" in tensors
 
@@ -235,9 +240,9 @@ def weights_dtype(ckpt: Path) -> set:
 
 
 def test_vocab_smaller_than_the_tokenizer_is_a_clear_error(caption_data: Path, tmp_path: Path) -> None:
-    from model.errors import ConfigError
-
     from test_train_support import SMALL
+
+    from model.errors import ConfigError
 
     cfg = build_config(base_config(caption_data, tmp_path / "v", max_steps=1, model={**SMALL, "vocab_size": 256}))
     with pytest.raises(ConfigError, match=r"has 259 tokens but the model's vocab_size is 256"):

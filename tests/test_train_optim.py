@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -71,7 +72,7 @@ def test_schedule_warmup_then_cosine() -> None:
     mid = lr_at(35, total, peak, warm, min_lr=1e-4)
     assert mid == pytest.approx(1e-4 + 0.5 * (peak - 1e-4) * (1 + math.cos(math.pi * 25 / 100)))
     lrs = [lr_at(s, total, peak, warm) for s in range(warm, total)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs))  # monotone decay after warmup
 
 
 def test_schedule_without_warmup() -> None:

@@ -65,11 +65,11 @@ def base_config(source: Path, out: Path, **kw: Any) -> dict[str, Any]:
 
     One thread: on a 2-core machine shared with other jobs, two OpenMP threads can be 10x slower.
     """
-    cfg = dict(
-        preset="mini-32", model=dict(SMALL), data=f"csv:{source}",
-        out=str(out), batch_size=8, epochs=1, lr=1e-3, warmup_steps=2, num_workers=0, progress=False,
-        tensorboard=False, plots=False, val_fraction=0.2, seed=0, threads=1,
-    )
+    cfg = {
+        "preset": "mini-32", "model": dict(SMALL), "data": f"csv:{source}",
+        "out": str(out), "batch_size": 8, "epochs": 1, "lr": 1e-3, "warmup_steps": 2, "num_workers": 0,
+        "progress": False, "tensorboard": False, "plots": False, "val_fraction": 0.2, "seed": 0, "threads": 1,
+    }
     cfg.update(kw)
     return cfg
 

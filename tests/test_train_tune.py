@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_train_support import write_caption_data
 
 import clipforge_cli
-
-from test_train_support import write_caption_data
 
 
 @pytest.mark.slow

@@ -17,7 +17,13 @@ from typing import Any
 
 from model.errors import ClipforgeError, ConfigError
 
-from .config import TrainConfig, load_config, load_saved_config, merge, parse_model_override
+from .config import (
+    TrainConfig,
+    load_config,
+    load_saved_config,
+    merge,
+    parse_model_override,
+)
 
 _SKIP = {"model"}
 

@@ -243,4 +243,4 @@ def zeroshot_only(
         labels = torch.tensor([records[i].label for i in idx.tolist()])
         zs = _zeroshot_accuracy(model, tokenizer, img_emb, labels, class_names=class_names, templates=templates,
                                 device=device)
-        return {"top1": zs["top1"], "top5": zs["top5"], "n_images": int(len(idx)), "n_bad": n_bad}
+        return {"top1": zs["top1"], "top5": zs["top5"], "n_images": len(idx), "n_bad": n_bad}

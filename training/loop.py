@@ -24,7 +24,12 @@ from model import caption_groups
 from model.clip import peak_flops
 from model.errors import ClipforgeError, ConfigError
 
-from .build import autocast_dtype, build_model_and_tokenizer, seed_everything, wrap_for_training
+from .build import (
+    autocast_dtype,
+    build_model_and_tokenizer,
+    seed_everything,
+    wrap_for_training,
+)
 from .config import TrainConfig, load_saved_config
 from .distributed import (
     all_gather_objects,
@@ -37,7 +42,15 @@ from .distributed import (
 from .evaluate import evaluate, zeroshot_only
 from .freeze import lock_towers
 from .logs import METRICS_FILE, Progress, RunLogger, truncate_metrics
-from .loop_state import BadImageBudget, BestMetric, EpochEnd, RunClock, RunPosition, Schedule, ThroughputWindow
+from .loop_state import (
+    BadImageBudget,
+    BestMetric,
+    EpochEnd,
+    RunClock,
+    RunPosition,
+    Schedule,
+    ThroughputWindow,
+)
 from .optim import build_optimizer, lr_at, set_lr
 from .run_data import make_train_loader, resolve_data
 from .run_state import (
@@ -239,9 +252,9 @@ class Trainer:
 
     def _next_batch(self, loader: Iterator[dict]) -> dict | None:
         batch = next(loader, None)
-        if self.info.enabled and self.data.streamed:  # stop together when any rank's stream runs dry
-            if not all_reduce_min(int(batch is not None), self.info, self.device):
-                batch = None
+        if (self.info.enabled and self.data.streamed  # stop together when any rank's stream runs dry
+                and not all_reduce_min(int(batch is not None), self.info, self.device)):
+            batch = None
         return batch
 
     def _step(self, batch: dict) -> dict[str, float]:
@@ -353,7 +366,7 @@ class Trainer:
                 self.best.value = float(metrics[self.best.name])
                 self._save("best", with_state=False)
         if self.on_epoch_end is not None:
-            self.on_epoch_end(int(math.ceil(metrics["epoch"])), metrics)
+            self.on_epoch_end(math.ceil(metrics["epoch"]), metrics)
 
     def _finish(self, progress: Progress, bad: int, seen: int) -> None:
         from .plots import write_plots
@@ -366,7 +379,7 @@ class Trainer:
         if self.cfg.plots:
             try:
                 write_plots(self.out)
-            except Exception as exc:  # plots are a convenience; never fail a finished run over them
+            except Exception as exc:  # noqa: BLE001 - plots are a convenience; never fail a finished run over them
                 progress.write(f"warning: plots not written: {exc}")
 
 

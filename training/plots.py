@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ def _series(records: list[dict[str, Any]], kind: str, key: str, x: str = "step")
 def _smooth(ys: list[float], alpha: float = 0.1) -> list[float]:
     out, avg = [], None
     for y in ys:
-        if y != y:  # NaN
+        if math.isnan(y):
             out.append(avg if avg is not None else y)
             continue
         avg = y if avg is None else (1 - alpha) * avg + alpha * y
@@ -83,7 +84,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
             if kind == "train":  # per-epoch mean of the logged training loss
                 by_epoch: dict[float, list[float]] = {}
                 for xi, yi in zip(x, y):
-                    if yi == yi:
+                    if not math.isnan(yi):  # skip NaN losses
                         by_epoch.setdefault(xi + 1, []).append(yi)
                 x = sorted(by_epoch)
                 y = [sum(by_epoch[e]) / len(by_epoch[e]) for e in x]

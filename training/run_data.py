@@ -98,10 +98,10 @@ def make_train_loader(
 
     transform = train_transform(model_cfg, cfg.train_augment, cfg.hflip)
     local_batch = cfg.batch_size // info.world_size
-    common: dict[str, Any] = dict(
-        batch_size=local_batch, num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
-    )
+    common: dict[str, Any] = {
+        "batch_size": local_batch, "num_workers": cfg.num_workers, "collate_fn": collate,
+        "pin_memory": device.type == "cuda", "generator": torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+    }
     if run.streamed:
         stream = ShardDataset(run.shards, transform, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                               samples_per_epoch=cfg.samples_per_epoch)

@@ -35,7 +35,7 @@ class SearchSpace:
     dropout: tuple[float, float] = (0.0, 0.2)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "SearchSpace":
+    def from_toml(cls, path: str | Path) -> SearchSpace:
         from .config import read_toml
 
         data = read_toml(path)

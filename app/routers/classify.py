@@ -55,8 +55,8 @@ async def classify_json(
 async def classify(
     state: ReadyStateDep, clip: ClipDep, decoder: DecoderDep, encoders: EncodersDep,
     image: Annotated[UploadFile, File(description="the image to classify")],
-    labels: Annotated[list[str], Form(description="candidate labels (repeat the field); default: the server's labels")] = [],
-    templates: Annotated[list[str], Form(description="prompt templates with {} for the label (repeat the field)")] = [],
+    labels: Annotated[list[str], Form(description="candidate labels (repeat the field); default: the server's labels")] = [],  # noqa: B006 - FastAPI deep-copies defaults
+    templates: Annotated[list[str], Form(description="prompt templates with {} for the label (repeat the field)")] = [],  # noqa: B006 - FastAPI deep-copies defaults
     top_k: Annotated[int | None, Form(ge=1, description="return only the k most probable labels")] = None,
 ) -> ClassifyResponse:
     """Labels sorted by probability, at the model's own learned temperature (a prompt ensemble per label)."""

@@ -7,9 +7,22 @@ from typing import Annotated
 import torch
 from fastapi import File, UploadFile
 
-from ..dependencies import ClipDep, DecoderDep, EncodersDep, SettingsDep, check_texts, read_image
+from ..dependencies import (
+    ClipDep,
+    DecoderDep,
+    EncodersDep,
+    SettingsDep,
+    check_texts,
+    read_image,
+)
 from ..errors import ApiError, error_responses
-from ..schemas import EmbedImageResponse, EmbedTextRequest, EmbedTextResponse, ErrorBody, ImageEmbedding
+from ..schemas import (
+    EmbedImageResponse,
+    EmbedTextRequest,
+    EmbedTextResponse,
+    ErrorBody,
+    ImageEmbedding,
+)
 from . import read_router
 
 router = read_router(tags=["embed"], prefix="/embed")

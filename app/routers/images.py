@@ -6,7 +6,8 @@ import mimetypes
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Path as PathParam, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +26,13 @@ from ..dependencies import (
 )
 from ..errors import ApiError, error_responses
 from ..forms import StrictFormRoute
-from ..schemas import AddedImage, AddImagesResponse, DeleteImageResponse, ErrorBody, FailedImage
+from ..schemas import (
+    AddedImage,
+    AddImagesResponse,
+    DeleteImageResponse,
+    ErrorBody,
+    FailedImage,
+)
 
 if TYPE_CHECKING:
     from index import AddReport, ImageIndex
@@ -96,7 +103,7 @@ def _added_names(items: list[tuple[str, bytes, str | None]], report: AddReport) 
 async def add_images(
     settings: SettingsDep, metrics: MetricsDep, clip: ClipDep, decoder: DecoderDep, worker: WorkerDep, index: IndexDep,
     images: Annotated[list[UploadFile], File(description="image files (repeat the field)")],
-    captions: Annotated[list[str], Form(description="optional captions, one per image, in the same order")] = [],
+    captions: Annotated[list[str], Form(description="optional captions, one per image, in the same order")] = [],  # noqa: B006 - FastAPI deep-copies defaults
 ) -> AddImagesResponse:
     """Embed and store the uploads; undecodable files are reported per item, the others are still added."""
     if len(images) > settings.max_images:

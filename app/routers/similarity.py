@@ -10,7 +10,14 @@ from fastapi import File, Form, UploadFile
 
 from model import CLIPInference
 
-from ..dependencies import ClipDep, DecoderDep, EncodersDep, SettingsDep, check_texts, read_image
+from ..dependencies import (
+    ClipDep,
+    DecoderDep,
+    EncodersDep,
+    SettingsDep,
+    check_texts,
+    read_image,
+)
 from ..encoders import Encoders
 from ..errors import image_upload_responses
 from ..forms import json_alternative
