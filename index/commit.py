@@ -218,10 +218,10 @@ def commit_generation(
     removable = backends.can_remove(kind, m.params)
     tombstones_after = len(old_tombstones) + (0 if removable else len(remove_ids))
     compact = not removable and tombstones_after > COMPACT_TOMBSTONE_RATIO * max(snapshot.ntotal, 1)
+    capacity = delta_capacity(int(snapshot.index.ntotal))
     recent_count = int(snapshot.delta.ntotal) if snapshot.delta is not None else 0
     main_rewrite = removable and bool(len(remove_ids)) and not np.isin(remove_ids, _delta_ids(snapshot)).all()
-    small_write = (not main_rewrite and recent_count + len(ids) <= delta_capacity(int(snapshot.index.ntotal))
-                   and delta_capacity(int(snapshot.index.ntotal)) > 0)
+    small_write = capacity > 0 and recent_count + len(ids) <= capacity and not main_rewrite
     generation = snapshot.generation + 1
     staging = store.staging_dir(directory, generation)
     old_dir = directory / store.gen_name(snapshot.generation)
@@ -253,7 +253,8 @@ def commit_generation(
         )
         manifest = replace(
             m, index_type=target, requested_type=requested, params=resolved, count=count,
-            tombstones=len(new_tombstones), delta_count=int(delta.ntotal) if delta is not None else 0, next_id=max(m.next_id, int(ids.max()) + 1 if len(ids) else 0),
+            tombstones=len(new_tombstones), delta_count=int(delta.ntotal) if delta is not None else 0,
+            next_id=max(m.next_id, int(ids.max()) + 1 if len(ids) else 0),
             generation=generation, updated=utc_timestamp(),
             uploads_in_index=m.uploads_in_index if uploads_in_index is None else uploads_in_index,
         )
