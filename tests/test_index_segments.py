@@ -63,10 +63,22 @@ def overlap(a: list[list[int]], b: list[list[int]]) -> float:
     return float(np.mean([len(set(x) & set(y)) / max(len(x), 1) for x, y in zip(a, b)]))
 
 
+def add(idx: ImageIndex, model: Model, vecs: np.ndarray, new: list[NewImage]) -> tuple[list[int], np.ndarray]:
+    """Add to the index and to the model; the new ids and the vectors."""
+    added = idx.add_embeddings(vecs, new).added
+    model.add(added, vecs)
+    return added, vecs
+
+
+def remove(idx: ImageIndex, model: Model, ids: list[int]) -> int:
+    model.remove(ids)
+    return idx.remove(ids)
+
+
 def built(tmp_path: Path, kind: str, base: int = 100) -> tuple[ImageIndex, Model]:
     idx = ImageIndex.create(tmp_path / "idx", "m" * 64, dim=DIM, index_type=kind)
     model = Model()
-    model.add(idx.add_embeddings(unit(base, 0), images(0, base)).added, unit(base, 0))
+    add(idx, model, unit(base, 0), images(0, base))
     assert idx.info()["delta_count"] == 0  # the first write to an empty index builds the main index
     return idx, model
 
@@ -76,8 +88,7 @@ def test_an_add_to_a_large_index_writes_only_the_delta(tmp_path: Path, kind: str
     idx, model = built(tmp_path, kind)
     inode = main_inode(idx)
     for round_ in range(3):
-        vecs = unit(10, 10 + round_)
-        model.add(idx.add_embeddings(vecs, images(200 + 10 * round_, 10)).added, vecs)
+        add(idx, model, unit(10, 10 + round_), images(200 + 10 * round_, 10))
         assert main_inode(idx) == inode  # shared by a hard link, not rewritten
     info = idx.info()
     assert info["delta_count"] == 30 and info["faiss_ntotal"] == 130 and idx.verify()["count"] == 130
@@ -89,13 +100,10 @@ def test_an_add_to_a_large_index_writes_only_the_delta(tmp_path: Path, kind: str
 
 def test_removals_in_both_parts_of_a_graph_index_are_tombstones(tmp_path: Path) -> None:
     idx, model = built(tmp_path, "hnsw")
-    vecs = unit(20, 5)
-    added = idx.add_embeddings(vecs, images(200, 20)).added
-    model.add(added, vecs)
+    added, vecs = add(idx, model, unit(20, 5), images(200, 20))
     inode = main_inode(idx)
     gone = [3, 40, added[0], added[7]]
-    assert idx.remove(gone) == 4
-    model.remove(gone)
+    assert remove(idx, model, gone) == 4
     assert main_inode(idx) == inode
     info = idx.info()
     assert info["tombstones"] == 4 and info["delta_count"] == 20 and idx.verify()["count"] == 116
@@ -107,15 +115,11 @@ def test_removals_in_both_parts_of_a_graph_index_are_tombstones(tmp_path: Path) 
 
 def test_a_flat_delta_removes_physically_and_a_main_removal_folds_the_delta_in(tmp_path: Path) -> None:
     idx, model = built(tmp_path, "flat")
-    vecs = unit(20, 5)
-    added = idx.add_embeddings(vecs, images(200, 20)).added
-    model.add(added, vecs)
+    added, _ = add(idx, model, unit(20, 5), images(200, 20))
     inode = main_inode(idx)
-    idx.remove(added[:5])
-    model.remove(added[:5])
+    remove(idx, model, added[:5])
     assert main_inode(idx) == inode and idx.info()["delta_count"] == 15 and idx.info()["tombstones"] == 0
-    idx.remove([7])  # flat deletes physically: the main index is rewritten, and takes the delta with it
-    model.remove([7])
+    remove(idx, model, [7])  # flat deletes physically: the main index is rewritten, and takes the delta with it
     assert main_inode(idx) != inode and idx.info()["delta_count"] == 0 and idx.info()["faiss_ntotal"] == 114
     queries = unit(6, 77)
     assert found(idx, queries) == model.top(queries, 10)
@@ -125,15 +129,11 @@ def test_a_flat_delta_removes_physically_and_a_main_removal_folds_the_delta_in(t
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_the_delta_is_folded_in_past_its_capacity(tmp_path: Path, kind: str) -> None:
     idx, model = built(tmp_path, kind)  # capacity: half of 100
-    vecs = unit(40, 6)
-    added = idx.add_embeddings(vecs, images(200, 40)).added
-    model.add(added, vecs)
+    added, _ = add(idx, model, unit(40, 6), images(200, 40))
     if kind == "hnsw":
-        idx.remove(added[:3])  # tombstones in the delta vanish with it when it is folded
-        model.remove(added[:3])
+        remove(idx, model, added[:3])  # tombstones in the delta vanish with it when it is folded
     inode = main_inode(idx)
-    more = unit(20, 7)
-    model.add(idx.add_embeddings(more, images(300, 20)).added, more)
+    add(idx, model, unit(20, 7), images(300, 20))
     info = idx.info()
     assert main_inode(idx) != inode and info["delta_count"] == 0 and info["tombstones"] == 0
     assert info["faiss_ntotal"] == len(model.vectors) == idx.verify()["count"]
@@ -145,11 +145,8 @@ def test_the_delta_is_folded_in_past_its_capacity(tmp_path: Path, kind: str) -> 
 @pytest.mark.parametrize("mmap", [False, True])
 def test_a_reopened_index_reads_its_delta(tmp_path: Path, mmap: bool) -> None:
     idx, model = built(tmp_path, "hnsw")
-    vecs = unit(15, 8)
-    added = idx.add_embeddings(vecs, images(200, 15)).added
-    model.add(added, vecs)
-    idx.remove([added[2], 9])
-    model.remove([added[2], 9])
+    added, vecs = add(idx, model, unit(15, 8), images(200, 15))
+    remove(idx, model, [added[2], 9])
     queries = np.concatenate([unit(4, 3), vecs[[2, 3]]])
     before = found(idx, queries)
     idx.close()
@@ -164,9 +161,7 @@ def test_a_reopened_index_reads_its_delta(tmp_path: Path, mmap: bool) -> None:
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_filtered_search_is_exact_across_both_parts(tmp_path: Path, kind: str) -> None:
     idx, model = built(tmp_path, kind)
-    vecs = unit(30, 4)
-    added = idx.add_embeddings(vecs, images(200, 30, folder="b")).added
-    model.add(added, vecs)
+    added, _ = add(idx, model, unit(30, 4), images(200, 30, folder="b"))
     queries = unit(5, 66)
     records = {r.id: r for r in idx.records(0, 1000)}
     cases = [
@@ -182,11 +177,8 @@ def test_filtered_search_is_exact_across_both_parts(tmp_path: Path, kind: str) -
 
 def test_rebuild_folds_the_delta_and_keeps_every_image(tmp_path: Path) -> None:
     idx, model = built(tmp_path, "hnsw")
-    vecs = unit(20, 4)
-    added = idx.add_embeddings(vecs, images(200, 20)).added
-    model.add(added, vecs)
-    idx.remove([added[1], 2])
-    model.remove([added[1], 2])
+    added, _ = add(idx, model, unit(20, 4), images(200, 20))
+    remove(idx, model, [added[1], 2])
     idx.rebuild(index_type="flat")
     info = idx.info()
     assert info["index_type"] == "flat" and info["delta_count"] == 0 and info["tombstones"] == 0
