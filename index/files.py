@@ -70,14 +70,30 @@ def removal_targets(targets: Iterable[int | str | Path], root: Path | None) -> t
 
 def resolve_inside(root: Path, relative: str) -> Path:
     """root/relative as an absolute path, refusing anything that escapes root (.., absolute, symlinks)."""
-    rel = PurePosixPath(str(relative).replace("\\", "/"))
-    if not str(relative) or rel.is_absolute() or ".." in rel.parts or "\x00" in str(relative):
-        raise PathOutsideRootError(f"path {relative!r} is not a plain path inside the index root")
-    real_root = Path(os.path.realpath(root))
-    target = Path(os.path.realpath(real_root / rel))
-    if target != real_root and real_root not in target.parents:
-        raise PathOutsideRootError(f"path {relative!r} resolves outside the index root")
-    return target
+    return resolve_all_inside(root, [relative])[0]
+
+
+def resolve_all_inside(root: Path, relatives: Iterable[str]) -> list[Path]:
+    """resolve_inside for many paths: the root and each folder resolved once, then one lstat a file
+    (an add of 10,000 images spent seconds resolving every component of every path)."""
+    real_root = os.path.realpath(root)
+    inside = real_root.rstrip(os.sep) + os.sep
+    folders: dict[PurePosixPath, str] = {}
+    out = []
+    for relative in relatives:
+        rel = PurePosixPath(str(relative).replace("\\", "/"))
+        if not str(relative) or rel.is_absolute() or ".." in rel.parts or "\x00" in str(relative):
+            raise PathOutsideRootError(f"path {relative!r} is not a plain path inside the index root")
+        folder = folders.get(rel.parent)
+        if folder is None:
+            folder = folders[rel.parent] = os.path.realpath(real_root / rel.parent)
+        target = os.path.join(folder, rel.name)
+        if os.path.islink(target):  # the file itself may be a link out of the root
+            target = os.path.realpath(target)
+        if target != real_root and not target.startswith(inside):
+            raise PathOutsideRootError(f"path {relative!r} resolves outside the index root")
+        out.append(Path(target))
+    return out
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

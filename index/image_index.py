@@ -39,7 +39,7 @@ from .additions import (
 from .backends import IndexParams
 from .commit import commit_generation, create_index_directory
 from .errors import IndexMismatchError, IndexNotFoundError, IndexStoreError
-from .files import resolve_inside
+from .files import resolve_all_inside
 from .manifest import Manifest
 from .metadata import ImageRecord
 from .search_filter import SearchFilter
@@ -335,8 +335,7 @@ class ImageIndex:
         vecs = normalise_vectors(vectors, self.dim) if len(images) else np.zeros((0, self.dim), np.float32)
         if len(vecs) != len(images):
             raise IndexStoreError(f"{len(vecs)} vectors for {len(images)} images")
-        for im in images:
-            resolve_inside(self.root, im.path)
+        resolve_all_inside(self.root, [im.path for im in images])
         return self._commit_adds([PendingImage(im.path, im, v) for im, v in zip(images, vecs)])
 
     def _commit_adds(self, pending: list[PendingImage]) -> AddReport:

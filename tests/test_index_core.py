@@ -303,3 +303,25 @@ def test_big_flat_index_answers_single_queries_through_the_half_precision_scan(t
     idx.remove([batch[0][0].id])  # a new generation gets its own float16 copy, without the removed vector
     assert batch[0][0].id not in {h.id for h in idx.search_by_vector(queries[0], k=10)[0]}
     assert ImageIndex.open(tmp_path / "idx", mmap=True)._state.half_scan is None
+
+
+def test_paths_resolved_in_bulk_refuse_links_out_of_the_root_as_one_at_a_time_does(tmp_path: Path) -> None:
+    """resolve_all_inside resolves each folder once: a linked folder or file leading out is still refused."""
+    from index.errors import PathOutsideRootError
+    from index.files import resolve_all_inside, resolve_inside
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    (root / "a" / "in.png").write_bytes(b"x")
+    (root / "out").symlink_to(outside)  # a folder link out
+    (root / "a" / "ln.png").symlink_to(outside / "secret.png")  # a file link out
+    (root / "a" / "ok.png").symlink_to(root / "a" / "in.png")  # a link that stays inside
+    (root / "inner").symlink_to(root / "a")  # a folder link that stays inside
+    good = ["a/in.png", "a/b/new.png", "a/ok.png", "inner/in.png", "a/./in.png", "missing/x.png"]
+    assert resolve_all_inside(root, good) == [resolve_inside(root, p) for p in good]
+    assert resolve_all_inside(root, ["inner/in.png"]) == [(root / "a" / "in.png").resolve()]
+    for bad in ("out/secret.png", "a/ln.png", "../outside/secret.png", "/etc/passwd", "", "a/\x00.png"):
+        with pytest.raises(PathOutsideRootError):
+            resolve_all_inside(root, ["a/in.png", bad])
