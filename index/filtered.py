@@ -57,19 +57,22 @@ class StoredVectors:
         """Every id this index stores, sorted."""
         return self._tables()[1]
 
-    def held(self, ids: np.ndarray) -> np.ndarray:
-        """The ones among sorted `ids` that this index stores."""
+    def _found(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For sorted `ids`: where each would sit among the sorted stored ids, and whether it is there."""
         sorted_ids = self._tables()[1]
         if not len(sorted_ids):
-            return ids[:0]
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
         at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        return ids[sorted_ids[at] == ids]
+        return at, sorted_ids[at] == ids
+
+    def held(self, ids: np.ndarray) -> np.ndarray:
+        """The ones among sorted `ids` that this index stores."""
+        return ids[self._found(ids)[1]]
 
     def positions_of(self, ids: np.ndarray) -> np.ndarray:
         """Positions of the ids the index holds (every passing id: metadata and index are one generation)."""
-        _, sorted_ids, order = self._tables()
-        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        return order[at[sorted_ids[at] == ids]]
+        at, there = self._found(ids)
+        return self._tables()[2][at[there]]
 
 
 class _Bitmap:
