@@ -7,12 +7,19 @@ hnswsq graph search over 8-bit scalar-quantised codes, the candidates (k * refin
        re-scored exactly from float16 copies (IndexIDMap2 over IndexRefine(IndexHNSWSQ,
        fp16)): about a quarter of HNSW's memory when opened memory-mapped (only the
        graph and the codes a search touches are resident); removals are tombstones.
-ivfpq  inverted lists of product-quantised codes, trained on a sample; huge collections.
+ivfpq  inverted lists of product-quantised codes, trained on a sample: by default 2-dim
+       sub-vectors at 4 bits (an eighth of the float16 size) scanned with FAISS's fast-scan
+       SIMD kernels; codes only, 4-dim sub-vectors at 8 bits and the classic kernel. The
+       lists nearest a query are found through a small HNSW graph over their centroids.
+       It ranks by L2 distance, which orders unit vectors as inner product does (FAISS's
+       fast-scan kernels mis-rank inner products across lists: docs/benchmarks.md), and its
+       distances d are returned as the cosines 1 - d/2 (as_cosines).
        By default the PQ candidates (k * refine_k_factor) are re-ranked with float16 copies
        of the vectors (memory-mappable), which keeps recall high where PQ alone ranks
        poorly; removals are then tombstones too. refine_k_factor=0 keeps codes only
-       (smallest, physical removal, lower recall).
-All use inner product on L2-normalised vectors (cosine similarity).
+       (smallest, physical removal, lower recall). It builds 1M vectors in minutes where a
+       graph over every vector takes an hour on two cores (docs/benchmarks.md).
+All score L2-normalised vectors by cosine similarity.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ from .errors import IndexStoreError
 INDEX_TYPES = ("flat", "hnsw", "hnswsq", "ivfpq")
 REQUESTABLE = ("auto", *INDEX_TYPES)
 # "auto": exact search while a scan stays in the millisecond range, a graph over compressed codes
-# with exact re-scoring up to where the graph itself gets large, inverted lists beyond.
+# with exact re-scoring while building the graph takes minutes, inverted lists beyond.
 FLAT_MAX = 100_000
-HNSW_MAX = 5_000_000
+HNSW_MAX = 250_000
 
 
 class IndexParams(BaseModel):
@@ -43,11 +50,16 @@ class IndexParams(BaseModel):
     ef_construction: int = Field(200, ge=8, le=4096, description="HNSW build-time candidate list")
     ef_search: int = Field(128, ge=1, le=8192, description="HNSW query-time candidate list")
     nlist: int | None = Field(None, ge=1, le=1 << 20, description="IVF lists (default 4*sqrt(n))")
-    nprobe: int = Field(32, ge=1, le=1 << 20, description="IVF lists scanned per query")
-    pq_m: int | None = Field(None, ge=1, le=512, description="PQ sub-quantizers (default dim/8)")
-    pq_nbits: int = Field(8, ge=4, le=12, description="bits per PQ code")
+    nprobe: int = Field(24, ge=1, le=1 << 20, description="IVF lists scanned per query")
+    pq_m: int | None = Field(None, ge=1, le=1024, description="PQ sub-quantizers (default dim/2 at 4 bits, dim/4 at 8)")
+    pq_nbits: int | None = Field(
+        None, ge=4, le=12, description="bits per PQ code (default 4, fast-scan kernels; 8 for codes only)",
+    )
     train_size: int = Field(100_000, ge=256, description="IVF-PQ training sample size")
-    refine_k_factor: int = Field(4, ge=0, le=256, description="IVF-PQ, HNSW-SQ: re-rank k*factor candidates exactly (0: off)")
+    refine_k_factor: int | None = Field(
+        None, ge=0, le=256,
+        description="IVF-PQ, HNSW-SQ: re-rank k*factor candidates exactly (default 8 and 4; 0: IVF-PQ codes only)",
+    )
 
 
 def parse_params(values: dict[str, Any] | IndexParams | None) -> IndexParams:
@@ -68,20 +80,37 @@ def choose_type(requested: str, count: int) -> str:
     return "flat" if count <= FLAT_MAX else "hnswsq" if count <= HNSW_MAX else "ivfpq"
 
 
-def _pq_m(dim: int, wanted: int | None) -> int:
+def _pq_m(dim: int, wanted: int | None, nbits: int) -> int:
     if wanted is not None:
         if dim % wanted:
             raise IndexStoreError(f"pq_m={wanted} must divide the embedding size {dim}")
         return wanted
-    for m in (64, 48, 32, 16, 8, 4, 2, 1):  # 8-dim sub-vectors where possible
-        if dim % m == 0 and dim // m >= 8 or m == 1:
+    width = 2 if nbits == 4 else 4  # dimensions a sub-vector: 128 bytes for 512-d either way
+    for m in (512, 384, 256, 192, 128, 96, 64, 48, 32, 16, 8, 4, 2, 1):
+        if dim % m == 0 and dim // m >= width or m == 1:
             return m
     return 1
+
+
+def default_refine(kind: str) -> int:
+    """Candidates re-ranked per result, the smallest that kept recall@10 at 0.98 at 1M (docs/benchmarks.md)."""
+    return 8 if kind == "ivfpq" else 4
+
+
+def _coarse_quantizer(dim: int) -> faiss.Index:
+    """An HNSW graph over the IVF centroids: the nearest lists in microseconds rather than a scan of them all."""
+    graph = faiss.IndexHNSWFlat(dim, QUANTIZER_M, faiss.METRIC_L2)
+    graph.hnsw.efConstruction = QUANTIZER_EF
+    graph.hnsw.efSearch = QUANTIZER_EF
+    return graph
 
 
 def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None = None) -> tuple[faiss.Index, dict[str, Any]]:
     """An empty index of the given type (IVF-PQ trained on `train`), and the resolved parameters."""
     resolved = params.model_dump()
+    refine = default_refine(kind) if params.refine_k_factor is None else params.refine_k_factor
+    if kind in REFINED:  # left unset elsewhere, so a later promotion to a refined type takes that type's default
+        resolved.update(refine_k_factor=refine)
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), resolved
     if kind == "hnsw":
@@ -97,35 +126,46 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
         graph.hnsw.efSearch = params.ef_search
         exact = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         refined = faiss.IndexRefine(graph, exact)
-        refined.k_factor = max(params.refine_k_factor, 1)
+        refined.k_factor = max(refine, 1)
         sample = train
         if len(train) > params.train_size:
             sample = train[np.random.default_rng(0).choice(len(train), params.train_size, replace=False)]
         refined.train(np.ascontiguousarray(sample, dtype=np.float32))
-        resolved.update(refine_k_factor=max(params.refine_k_factor, 1))
+        resolved.update(refine_k_factor=max(refine, 1))
         return faiss.IndexIDMap2(refined), resolved
     if kind == "ivfpq":
         n = 0 if train is None else len(train)
-        m = _pq_m(dim, params.pq_m)
-        nlist = params.nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))
-        need = max(nlist, 1 << params.pq_nbits)
+        # fast scan ranks more coarsely than the classic kernel: right when the re-ranking repairs it, not without
+        nbits = params.pq_nbits or (4 if refine else 8)
+        m = _pq_m(dim, params.pq_m, nbits)
+        nlist = params.nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))  # >= 39 samples a list
+        need = max(nlist, 1 << nbits)
         if n < need:
             raise IndexStoreError(
-                f"an ivfpq index needs at least {need} vectors to train (nlist={nlist}, {params.pq_nbits}-bit codes), "
+                f"an ivfpq index needs at least {need} vectors to train (nlist={nlist}, {nbits}-bit codes), "
                 f"got {n}; use --type flat or hnsw for small collections"
             )
         sample = train
         if n > params.train_size:
             sample = train[np.random.default_rng(0).choice(n, params.train_size, replace=False)]
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, params.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+        quantizer = _coarse_quantizer(dim)
+        if nbits == 4:
+            index = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, m, 4, faiss.METRIC_L2)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_L2)
+        quantizer.this.disown()  # the IVF index frees its quantizer, as it does once read back from a file
+        index.own_fields = True
+        index.cp.niter = KMEANS_ITERATIONS
+        trainer = faiss.IndexFlatL2(dim)  # k-means assigns by exact batched scans; the graph is built once, after
+        index.clustering_index = trainer
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.clustering_index = None
         index.nprobe = min(params.nprobe, nlist)
-        resolved.update(nlist=nlist, pq_m=m)
-        if params.refine_k_factor:
-            exact = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        resolved.update(nlist=nlist, pq_m=m, pq_nbits=nbits)
+        if refine:
+            exact = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
             refined = faiss.IndexRefine(index, exact)
-            refined.k_factor = params.refine_k_factor
+            refined.k_factor = refine
             return faiss.IndexIDMap2(refined), resolved
         return index, resolved
     raise IndexStoreError(f"unknown index type {kind!r}")
@@ -138,7 +178,7 @@ def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
 
 def can_remove(kind: str, params: dict[str, Any]) -> bool:
     """Whether ids can be deleted physically (otherwise they become tombstones)."""
-    return kind == "flat" or (kind == "ivfpq" and not params.get("refine_k_factor"))
+    return kind == "flat" or (kind == "ivfpq" and params.get("refine_k_factor") == 0)
 
 
 def id_mapped(index: faiss.Index) -> bool:
@@ -225,17 +265,25 @@ def search(
         if tombstones is not None and tombstones.selector is not None:
             ivf_params.sel = tombstones.selector
         if not id_mapped(index):
-            return index.search(queries, k, params=ivf_params)
+            return as_cosines(index, index.search(queries, k, params=ivf_params))
         refine_params = faiss.IndexRefineSearchParameters()
         refine_params.k_factor = float(params.get("refine_k_factor") or 4)
         refine_params.base_index_params = ivf_params
-        return index.search(queries, k, params=refine_params)
+        return as_cosines(index, index.search(queries, k, params=refine_params))
     if half_scan is not None and len(queries) == 1:
         return half_scan.search(queries, k)
     # The per-query scan wins for one query, BLAS from two (docs/benchmarks.md). The threshold is
     # process-wide: a concurrent reader may see the other's setting, which changes speed, not results.
     faiss.cvar.distance_compute_blas_threshold = 2 if len(queries) > 1 else 1 << 30
     return index.search(queries, k)
+
+
+def as_cosines(index: faiss.Index, result: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) as cosine similarities: an L2 index's squared distances d between unit vectors are 1 - d/2."""
+    scores, ids = result
+    if index.metric_type == faiss.METRIC_L2:
+        scores = np.where(ids >= 0, 1.0 - scores / 2.0, -np.inf).astype(np.float32)
+    return scores, ids
 
 
 class HalfPrecisionScan:
@@ -295,13 +343,16 @@ class HalfPrecisionScan:
 
 
 IVFPQ_MIN_VECTORS = 1000
+QUANTIZER_M = 32  # the graph over the IVF centroids: its degree, and a candidate list wider than nprobe
+QUANTIZER_EF = 128  # (default 16) so the nearest lists are the ones found
+KMEANS_ITERATIONS = 10  # FAISS's own default for IVF training
 SQ_MIN_VECTORS = 1000  # the 8-bit quantizer learns each component's range from a sample
 REFINED = ("ivfpq", "hnswsq")  # kinds whose id map wraps an IndexRefine (selectors see internal positions)
 
 
 def ivfpq_trainable(count: int, params: IndexParams) -> bool:
     """Enough vectors to train the coarse quantizer and the PQ codebooks without degenerate clusters."""
-    return count >= max(IVFPQ_MIN_VECTORS, 1 << params.pq_nbits, 39 * (params.nlist or 0))
+    return count >= max(IVFPQ_MIN_VECTORS, 1 << (params.pq_nbits or 8), 39 * (params.nlist or 0))
 
 
 _RANK = {"flat": 0, "hnsw": 1, "hnswsq": 1, "ivfpq": 2}  # an existing hnsw index is not re-indexed sideways

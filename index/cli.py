@@ -246,15 +246,15 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def _add_type_flags(p: argparse.ArgumentParser, with_type_default: bool) -> None:
     p.add_argument("--type", choices=REQUESTABLE, default="auto" if with_type_default else None,
                    help="index type (auto: exact up to 100k images, HNSW over 8-bit codes with exact re-scoring "
-                        "(hnswsq) up to 5M, IVF-PQ beyond)")
+                        "(hnswsq) up to 250k, IVF-PQ with exact re-ranking beyond)")
     p.add_argument("--hnsw-m", type=int, help="HNSW graph degree (default 32)")
     p.add_argument("--ef-construction", type=int, help="HNSW build candidate list (default 200)")
     p.add_argument("--ef-search", type=int, help="HNSW query candidate list (default 128)")
     p.add_argument("--nlist", type=int, help="IVF lists (default 4*sqrt(n))")
-    p.add_argument("--nprobe", type=int, help="IVF lists scanned per query (default 32)")
-    p.add_argument("--pq-m", type=int, help="PQ sub-quantizers (default dim/8)")
+    p.add_argument("--nprobe", type=int, help="IVF lists scanned per query (default 16)")
+    p.add_argument("--pq-m", type=int, help="PQ sub-quantizers (default dim/4)")
     p.add_argument("--refine-k-factor", type=int,
-                   help="IVF-PQ, HNSW-SQ: re-rank k*factor candidates with float16 vectors (default 4; 0: IVF-PQ codes only)")
+                   help="IVF-PQ, HNSW-SQ: re-rank k*factor candidates with float16 vectors (default 32 and 4; 0: IVF-PQ codes only)")
 
 
 def _add_device_flag(p: argparse.ArgumentParser) -> None:

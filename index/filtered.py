@@ -89,7 +89,8 @@ def _scan(stored: StoredVectors, queries: np.ndarray, k: int, chosen: _Bitmap) -
     """The exact top k among the chosen positions of the stored vectors."""
     params = faiss.SearchParameters()
     params.sel = chosen.selector
-    scores, positions = backends.storage_of(stored.index, stored.kind).search(queries, k, params=params)
+    storage = backends.storage_of(stored.index, stored.kind)
+    scores, positions = backends.as_cosines(storage, storage.search(queries, k, params=params))
     return scores, stored.ids_at(positions)
 
 
@@ -118,7 +119,7 @@ def _graph_or_lists(
         ivf_params.nprobe = _widened(int(nprobe or params.get("nprobe", 32)), share, int(ivf.nlist))
         ivf_params.sel = chosen.selector
         refine_params.base_index_params = ivf_params
-    scores, positions = inner.search(queries, k, params=refine_params)
+    scores, positions = backends.as_cosines(inner, inner.search(queries, k, params=refine_params))
     return scores, stored.ids_at(positions)
 
 
@@ -132,7 +133,7 @@ def _codes_only(
     search_params.nprobe = _widened(int(nprobe or params.get("nprobe", 32)), share, int(ivf.nlist))
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
     search_params.sel = selector
-    return index.search(queries, k, params=search_params)
+    return backends.as_cosines(index, index.search(queries, k, params=search_params))
 
 
 def search_filtered(

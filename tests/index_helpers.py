@@ -1,7 +1,8 @@
-"""Shared helpers for the index crash tests (test_index_durability.py, test_index_uploads.py); holds no tests.
+"""Shared helpers for the index tests; holds no tests.
 
-Both tests kill a writer process mid-write and read back what it acknowledged, so the rule for what must
-survive the kill is written once here.
+The crash tests (test_index_durability.py, test_index_uploads.py) kill a writer process mid-write and
+read back what it acknowledged, so the rule for what must survive the kill is written once here; the
+approximate types' tests (test_index_hnswsq.py, test_index_ivfpq.py) share their vectors and truth.
 """
 
 from __future__ import annotations
@@ -10,6 +11,26 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
+
+import numpy as np
+
+from index import NewImage
+
+
+def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    """Unit vectors around 20 centres: neighbour structure an approximate index can use."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim))
+    x = centres[rng.integers(0, 20, n)] + 0.3 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def images(n: int, start: int = 0) -> list[NewImage]:
+    return [NewImage(f"v/{i}.jpg", f"{i:064x}", 32, 32) for i in range(start, start + n)]
+
+
+def exact_top(x: np.ndarray, q: np.ndarray, k: int, ids: np.ndarray) -> list[set[int]]:
+    return [set(ids[np.argsort(-(x @ row))[:k]].tolist()) for row in q]
 
 
 @dataclass(frozen=True)

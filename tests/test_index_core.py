@@ -200,7 +200,7 @@ def test_ivfpq_needs_enough_vectors_to_train(tmp_path: Path) -> None:
     idx.add_embeddings(unit(50, 16), fake_images(50))
     assert idx.index_type == "flat"  # exact until trainable
     with pytest.raises(IndexStoreError, match="ivfpq index needs at least"):
-        backends.new_index("ivfpq", 16, backends.parse_params({}), unit(50, 16))
+        backends.new_index("ivfpq", 16, backends.parse_params({}), unit(10, 16))  # 4-bit codes: 16 codewords
     with pytest.raises(IndexStoreError, match="ef_search"):
         ImageIndex.create(tmp_path / "bad", "m" * 64, dim=16, params={"ef_search": 0})
 

@@ -6,24 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from index_helpers import clustered, exact_top, images
 
-from index import ImageIndex, NewImage, backends
-
-
-def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
-    """Unit vectors around 20 centres: neighbour structure an approximate index can use."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((20, dim))
-    x = centres[rng.integers(0, 20, n)] + 0.3 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def images(n: int, start: int = 0) -> list[NewImage]:
-    return [NewImage(f"v/{i}.jpg", f"{i:064x}", 32, 32) for i in range(start, start + n)]
-
-
-def exact_top(x: np.ndarray, q: np.ndarray, k: int, ids: np.ndarray) -> list[set[int]]:
-    return [set(ids[np.argsort(-(x @ row))[:k]].tolist()) for row in q]
+from index import ImageIndex, backends
 
 
 def test_auto_picks_hnswsq_past_the_exact_limit(monkeypatch: pytest.MonkeyPatch) -> None:
