@@ -9,6 +9,7 @@ bench/results/write_bench.json.
 
     .venv/bin/python bench/write_bench.py                         # 1M, auto type
     .venv/bin/python bench/write_bench.py --size 100000 --rounds 2
+    .venv/bin/python bench/write_bench.py --data realistic         # issue 14's realistic set (cached)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from index_bench import rss_mb, unit_vectors
+from index_bench import realistic_vectors, rss_mb, unit_vectors
 
 from index import ImageIndex, segments
 from index.types import NewImage
@@ -61,10 +62,15 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--type", default="auto")
+    parser.add_argument("--data", choices=("subspace", "realistic"), default="subspace",
+                        help="subspace: unit vectors near a 64-d subspace plus noise; realistic: clipforge embeddings "
+                             "of real images and draws from a mixture fitted to them, held-out real image queries")
     parser.add_argument("--add", type=int, default=10_000)
     parser.add_argument("--remove", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3, help="add rounds, then as many removal rounds")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="first search this many other queries (a served index's steady state: its pages mapped)")
     parser.add_argument("--mmap", action="store_true", help="open memory-mapped, as the service does for large indexes")
     parser.add_argument("--dir", default=None, help="where to build (default: a temporary folder, deleted after)")
     parser.add_argument("--keep", action="store_true",
@@ -73,15 +79,20 @@ def main() -> int:
     args = parser.parse_args()
 
     total = args.size + args.add * (args.rounds + 1)
-    vectors = unit_vectors(total, args.dim, seed=1, intrinsic=64)
-    queries = unit_vectors(args.queries, args.dim, seed=2, intrinsic=64)
+    if args.data == "realistic":
+        vectors, held_out, _ = realistic_vectors(total, args.queries + args.warmup)
+        args.dim = vectors.shape[1]
+    else:
+        vectors = unit_vectors(total, args.dim, seed=1, intrinsic=64)
+        held_out = unit_vectors(args.queries + args.warmup, args.dim, seed=2, intrinsic=64)
+    queries, warmup = held_out[: args.queries], held_out[args.queries :]
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="write-bench-"))
     path = work / "index"
     pristine = work / "pristine"  # the built index a run with --keep leaves, measured again without a rebuild
     reuse = bool(args.dir) and (pristine / "CURRENT").is_file()
     if not reuse:
         shutil.rmtree(path, ignore_errors=True)
-    result: dict = {"size": args.size, "dim": args.dim, "type": args.type, "machine": platform.node(),
+    result: dict = {"size": args.size, "dim": args.dim, "type": args.type, "data": args.data, "machine": platform.node(),
                     "cpus": faiss.omp_get_max_threads(), "mmap": args.mmap, "rounds": []}
     try:
         if not reuse:
@@ -100,6 +111,12 @@ def main() -> int:
         result["index_type"] = idx.index_type
         faiss.omp_set_num_threads(1)
         result["rss_open_mb"] = rss_mb() - rss_before
+        if len(warmup):
+            t = time.perf_counter()
+            for q in warmup:
+                idx.search_by_vector(q[None, :], 10)
+            result["warmup"] = {"queries": len(warmup), "seconds": time.perf_counter() - t,
+                                "rss_after_mb": rss_mb() - rss_before}
         ids = np.arange(1, total + 1, dtype=np.int64)  # ids start at 1, in add order
         result["before"] = latency_and_recall(idx, vectors[: args.size], ids[: args.size], queries)
         result["rss_after_queries_mb"] = rss_mb() - rss_before  # what the index holds resident once searched
@@ -149,6 +166,9 @@ def main() -> int:
 
     build = f"build {result['build_s']:.1f} s" if "build_s" in result else "built by an earlier run"
     print(f"{args.size:,} x {args.dim} ({result['index_type']}{', mmap' if args.mmap else ''}), {build}")
+    if "warmup" in result:
+        w = result["warmup"]
+        print(f"warm-up: {w['queries']} queries in {w['seconds']:.1f} s, resident after them {w['rss_after_mb']:.0f} MiB")
     print(f"resident after open {result['rss_open_mb']:.0f} MiB, after {args.queries} queries "
           f"{result['rss_after_queries_mb']:.0f} MiB (float16 vectors: {result['float16_vectors_mb']:.0f} MiB)")
     print(f"{'write':<22}{'seconds':>9}")
