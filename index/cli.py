@@ -251,10 +251,10 @@ def _add_type_flags(p: argparse.ArgumentParser, with_type_default: bool) -> None
     p.add_argument("--ef-construction", type=int, help="HNSW build candidate list (default 200)")
     p.add_argument("--ef-search", type=int, help="HNSW query candidate list (default 128)")
     p.add_argument("--nlist", type=int, help="IVF lists (default 4*sqrt(n))")
-    p.add_argument("--nprobe", type=int, help="IVF lists scanned per query (default 16)")
-    p.add_argument("--pq-m", type=int, help="PQ sub-quantizers (default dim/4)")
+    p.add_argument("--nprobe", type=int, help="IVF lists scanned per query (default 24)")
+    p.add_argument("--pq-m", type=int, help="PQ sub-quantizers (default dim/2; codes only: dim/4)")
     p.add_argument("--refine-k-factor", type=int,
-                   help="IVF-PQ, HNSW-SQ: re-rank k*factor candidates with float16 vectors (default 32 and 4; 0: IVF-PQ codes only)")
+                   help="IVF-PQ, HNSW-SQ: re-rank k*factor candidates with float16 vectors (default 8 and 4; 0: IVF-PQ codes only)")
 
 
 def _add_device_flag(p: argparse.ArgumentParser) -> None:
