@@ -1,13 +1,13 @@
 """Filtered-search benchmark: latency and recall@10 of ImageIndex.search_by_vector with metadata filters.
 
 Through the code the service runs (SQLite for the passing ids, index/filtered.py for the vectors),
-at 1%, 10%, 50% and 100% of the images passing, on an exact (flat) and an approximate (hnswsq,
-what `auto` picks at 1M) index. Recall is against a brute-force ranking of the passing images.
+at 1%, 10%, 50% and 100% of the images passing, on an exact (flat) and an approximate index
+(`auto` picks hnswsq up to 250k and ivfpq beyond). Recall is against a brute-force ranking of the passing images.
 Vectors: unit vectors near a 32-d subspace (index_bench.py's structured set), or the realistic
 set (--data realistic, bench/realistic_vectors.py's cache).
 
     .venv/bin/python bench/filter_bench.py --sizes 100000 --types flat hnswsq
-    .venv/bin/python bench/filter_bench.py --sizes 1000000 --types flat hnswsq --queries 200
+    .venv/bin/python bench/filter_bench.py --sizes 1000000 --types ivfpq --data realistic --queries 100
 Results: a table on stdout and bench/results/filter_bench.json.
 """
 
