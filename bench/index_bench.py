@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -210,6 +211,17 @@ def _milvus_lite_server(data_dir: Path) -> tuple[str, subprocess.Popen]:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("milvus-lite's server did not start")
+
+
+def stop_milvus_lite(proc: subprocess.Popen) -> None:
+    """milvus-lite's clean shutdown on SIGINT; a kill if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_indexed(idx, lite_dir: Path | None, timeout_s: float = 3600.0) -> None:

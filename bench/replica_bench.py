@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from index_bench import _milvus_lite_server, _wait_indexed
+from index_bench import _milvus_lite_server, _wait_indexed, stop_milvus_lite
 from service_bench import (
     _send,
     batch_stats,
@@ -140,17 +139,6 @@ def milvus_probe(location: str, dim: int, calls: int = 24) -> dict:
                                      "p50_ms": round(float(np.percentile(ms, 50)), 2),
                                      "p99_ms": round(float(np.percentile(ms, 99)), 2)}
     return out
-
-
-def stop_milvus(proc: subprocess.Popen) -> None:
-    """milvus-lite's clean shutdown on SIGINT; a kill if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ---------------------------------------------------------------------- load
@@ -342,7 +330,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         if milvus is not None:
-            stop_milvus(milvus)
+            stop_milvus_lite(milvus)
         shutil.rmtree(work, ignore_errors=True)
 
 
