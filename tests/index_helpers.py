@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index import NewImage
+from index import ImageIndex, NewImage
 
 
 def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -31,6 +31,27 @@ def images(n: int, start: int = 0) -> list[NewImage]:
 
 def exact_top(x: np.ndarray, q: np.ndarray, k: int, ids: np.ndarray) -> list[set[int]]:
     return [set(ids[np.argsort(-(x @ row))[:k]].tolist()) for row in q]
+
+
+def recall(hits: list, truth: list[set[int]]) -> float:
+    """Mean share of each query's exact top k that the search returned."""
+    return float(np.mean([len({h.id for h in row} & t) / len(t) for row, t in zip(hits, truth)]))
+
+
+def remove_top_hits_and_reopen(idx: ImageIndex, q: np.ndarray, hits: list, *, mmap: bool) -> ImageIndex:
+    """Remove the best hit of the first 5 queries, reopen the index and check they stay gone and k stays full.
+
+    The refined types (hnswsq, ivfpq) keep removals as tombstones, which must survive the reopen.
+    """
+    removed = [row[0].id for row in hits[:5]]
+    assert idx.remove(removed) == 5
+    idx.close()
+    reopened = ImageIndex.open(idx.directory, mmap=mmap)
+    assert reopened.verify()["tombstones"] == 5
+    again = reopened.search_by_vector(q[:5], 10)
+    assert not {h.id for row in again for h in row} & set(removed)
+    assert all(len(row) == 10 for row in again)
+    return reopened
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from index_helpers import clustered, exact_top, images
+from index_helpers import (
+    clustered,
+    exact_top,
+    images,
+    recall,
+    remove_top_hits_and_reopen,
+)
 
 from index import ImageIndex, backends
 
@@ -30,18 +36,10 @@ def test_hnswsq_recall_removal_and_reopen(tmp_path: Path, mmap: bool) -> None:
     ids = np.arange(1, 3001)
     truth = exact_top(x, q, 10, ids)
     hits = idx.search_by_vector(q, 10)
-    recall = np.mean([len({h.id for h in row} & t) / 10 for row, t in zip(hits, truth)])
-    assert recall >= 0.95
+    assert recall(hits, truth) >= 0.95
     # re-scored scores are the exact cosines (float16 copies), not the 8-bit approximations
     top = hits[0][0]
     assert top.score == pytest.approx(float(x[top.id - 1] @ q[0]), abs=2e-3)
-    removed = [row[0].id for row in hits[:5]]
-    assert idx.remove(removed) == 5
-    idx.close()
-    reopened = ImageIndex.open(tmp_path / "i", mmap=mmap)
-    assert reopened.verify()["tombstones"] == 5
-    again = reopened.search_by_vector(q[:5], 10)
-    assert not {h.id for row in again for h in row} & set(removed)
-    assert all(len(row) == 10 for row in again)
+    reopened = remove_top_hits_and_reopen(idx, q, hits, mmap=mmap)
     reopened.rebuild()
     assert reopened.index_type == "hnswsq" and reopened.verify()["tombstones"] == 0 and len(reopened) == 2995
