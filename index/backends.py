@@ -155,7 +155,6 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_L2)
         quantizer.this.disown()  # the IVF index frees its quantizer, as it does once read back from a file
         index.own_fields = True
-        index.cp.niter = KMEANS_ITERATIONS
         trainer = faiss.IndexFlatL2(dim)  # k-means assigns by exact batched scans; the graph is built once, after
         index.clustering_index = trainer
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -345,7 +344,6 @@ class HalfPrecisionScan:
 IVFPQ_MIN_VECTORS = 1000
 QUANTIZER_M = 32  # the graph over the IVF centroids: its degree, and a candidate list wider than nprobe
 QUANTIZER_EF = 128  # (default 16) so the nearest lists are the ones found
-KMEANS_ITERATIONS = 10  # FAISS's own default for IVF training
 SQ_MIN_VECTORS = 1000  # the 8-bit quantizer learns each component's range from a sample
 REFINED = ("ivfpq", "hnswsq")  # kinds whose id map wraps an IndexRefine (selectors see internal positions)
 
