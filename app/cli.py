@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(
         checkpoint=args.checkpoint, index=args.index, onnx=args.onnx, host=args.host, port=args.port, labels_file=args.labels_file,
-        device=args.device, threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        device=args.device, precision=args.precision, threads=args.threads, batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         protect_reads=args.protect_reads, cors_origins=args.cors_origin, log_level=args.log_level,
     )
     limits = load_limits()
@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
     parser.add_argument("--labels-file", type=Path, help="default zero-shot labels, one per line")
     parser.add_argument("--device", help="torch device: cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="torch forward passes in fp32 (default) or bf16, 2-4x faster on CPUs with AMX or "
+                             "AVX512-BF16 (CLIPFORGE_PRECISION)")
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and FAISS (default: all cores)")
     parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
                         help="coalesce concurrent encodes into one forward pass (default on)")

@@ -57,12 +57,16 @@ def load_service(state: ServiceState) -> None:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     if state.clip is None:
-        clip = CLIPInference.load(settings.checkpoint, device=settings.device, max_pixels=settings.max_pixels)
+        clip = CLIPInference.load(settings.checkpoint, device=settings.device, max_pixels=settings.max_pixels,
+                                  precision=settings.precision)
+        if settings.precision == "bf16" and clip.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 forward passes will be slower than fp32")
         state.preset = preset_name(clip)
         state.default_labels = settings.default_labels() or clip.class_names
         state.clip = clip
         state.metrics.model_loaded.set(1)
-        log.info("model loaded", extra={"model": clip.model_id, "preset": state.preset, "dim": clip.dim})
+        log.info("model loaded", extra={"model": clip.model_id, "preset": state.preset, "dim": clip.dim,
+                                        "precision": clip.precision})
     if settings.onnx is not None and state.onnx is None:
         state.onnx = load_onnx(settings, state.clip)
     if settings.index is not None and state.index is None:

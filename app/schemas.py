@@ -175,6 +175,7 @@ class InfoResponse(BaseModel):
     logit_scale: float
     runtime: str = Field("torch", description="what runs the forward passes: torch, or onnxruntime when the service "
                                               "serves the checkpoint's ONNX export (CLIPFORGE_ONNX)")
+    precision: str = Field("fp32", description="fp32 or bf16: the dtype of the torch forward passes (CLIPFORGE_PRECISION)")
     default_labels: list[str]
     index: IndexInfo | None = Field(None, description="null when the service runs without an index")
     batching: dict[str, Any]

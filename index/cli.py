@@ -31,6 +31,7 @@ def _recorded_checkpoint(idx: IndexStore) -> str | None:
 
 def _load_clip(
     checkpoint: str | None, idx: IndexStore | None, *, device: str, max_pixels: int | None = None,
+    precision: str = "fp32",
 ) -> CLIPInference:
     from model import CLIPInference
     from model.device import resolve_device
@@ -39,7 +40,7 @@ def _load_clip(
     if not path:
         raise IndexStoreError("this index records no checkpoint path; pass --checkpoint")
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    return CLIPInference.load(path, device=resolve_device(device), **kwargs)
+    return CLIPInference.load(path, device=resolve_device(device), precision=precision, **kwargs)
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = where if isinstance(where, Path) else None  # a FAISS folder, or None for a Milvus collection
     if out is not None and (out / "CURRENT").exists():
         raise IndexStoreError(f"{out} already holds an index; use `clipforge index add {out} DIR` (duplicates are skipped)")
-    clip = _load_clip(args.checkpoint, None, device=args.device, max_pixels=args.max_pixels)
+    clip = _load_clip(args.checkpoint, None, device=args.device, max_pixels=args.max_pixels, precision=args.precision)
     params = _params(args)
     started = time.perf_counter()
     if args.images:
@@ -134,7 +135,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     from .files import expand_inputs
 
     idx = open_index(args.index)
-    clip = _load_clip(args.checkpoint, idx, device=args.device, max_pixels=args.max_pixels)
+    clip = _load_clip(args.checkpoint, idx, device=args.device, max_pixels=args.max_pixels, precision=args.precision)
     idx.check_model(clip)
     files = expand_inputs(args.paths, exclude=[idx.directory] if isinstance(idx, ImageIndex) else [])
     started = time.perf_counter()
@@ -265,6 +266,8 @@ def _add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1, up to 8)")
     _add_device_flag(p)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="forward passes in fp32 or bf16 (2-4x faster on CPUs with AMX or AVX512-BF16 and on GPUs)")
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels than this")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

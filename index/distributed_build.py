@@ -334,7 +334,7 @@ def _build(args: argparse.Namespace, info: DistInfo, device: torch.device) -> in
     try:  # step 1, every rank: the checkpoint on its device and the listing (rank 0 first checks --out)
         if info.is_main:
             _check_out(args)
-        clip = _load_clip(args.checkpoint, None, device=str(device), max_pixels=args.max_pixels)
+        clip = _load_clip(args.checkpoint, None, device=str(device), max_pixels=args.max_pixels, precision=args.precision)
         inputs = _list_inputs(args)
     except Exception as exc:  # noqa: BLE001 - told to every rank, reported by rank 0
         error = _message(exc)

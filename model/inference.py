@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from . import zeroshot
@@ -28,12 +29,24 @@ from .image import DEFAULT_MAX_PIXELS, ImageSource, ImageTransform, open_image
 from .tokenizer import CLIPTokenizer
 
 
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class CLIPInference:
     def __init__(
         self, model: CLIP, tokenizer: CLIPTokenizer, meta: dict[str, Any] | None = None,
-        device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+        device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS, precision: Precision = "fp32",
     ) -> None:
-        self.model = model.to(device).eval()
+        """precision "bf16" casts the weights to bfloat16: on CPUs with AMX or AVX512-BF16 (and GPUs) the forward
+        passes run 2-4x faster and the embeddings keep a cosine above 0.9999 with fp32's (docs/benchmarks.md)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        temperature = model.logit_scale.detach().clone()
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+        model.logit_scale.data = temperature.to(device)  # stays fp32: in bf16, 100 would read back as 98.9
         self.tokenizer = tokenizer
         self.meta = dict(meta or {})
         self.device = torch.device(device)
@@ -73,7 +86,7 @@ class CLIPInference:
         """Already-preprocessed (B, 3, S, S) pixels -> (B, D) normalised float32 embeddings."""
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.model.encode_image(pixels.to(self.device)).float().cpu().numpy()
+        return self._as_output(self.model.encode_image(pixels.to(self.device, dtype=self.dtype)))
 
     def embed_images(self, images: Sequence[ImageSource] | ImageSource, batch_size: int = 64) -> np.ndarray:
         """PIL images, paths or bytes -> (N, D) normalised float32 embeddings (a single one gives N = 1)."""
@@ -93,8 +106,15 @@ class CLIPInference:
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(texts), batch_size):
             ids = self.tokenizer.encode(list(texts[start : start + batch_size])).to(self.device)
-            out.append(self.model.encode_text(ids).float().cpu().numpy())
+            out.append(self._as_output(self.model.encode_text(ids)))
         return np.concatenate(out)
+
+    def _as_output(self, emb: torch.Tensor) -> np.ndarray:
+        """float32 numpy, renormalised in float32 when the forward ran in bf16 (its norms are off by ~1e-3)."""
+        emb = emb.float()
+        if self.dtype != torch.float32:
+            emb = F.normalize(emb, dim=-1)
+        return emb.cpu().numpy()
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per label: the renormalised mean over prompt templates."""
