@@ -6,7 +6,10 @@ All three serve THE SAME WEIGHTS: a ViT-B/32-sized transformers CLIPModel with r
 that by comparing their embeddings of the same inputs (in process, over HTTP, and clip-retrieval's
 stored index vectors), each beside the cosine of different inputs. clipforge is measured twice:
 its default torch path, and `clipforge serve --onnx` on its own ONNX export of the same checkpoint
-(`clipforge model export CKPT --to onnx:DIR`; --no-onnx skips it); each gets its own goal verdicts. Each peer runs from its own
+(`clipforge model export CKPT --to onnx:DIR`; --no-onnx skips it), and with `serve --precision bf16` (and its
+index built with `--precision bf16`; --no-bf16 skips it); each gets its own goal verdicts. infinity runs twice too:
+float32 and `--dtype int8` (its dynamic quantisation, the fastest mode it offers on a CPU: it applies bfloat16 on
+CUDA only), so a reduced-precision clipforge meets a reduced-precision peer. Each peer runs from its own
 bench-only virtual environment (bench/peer_venvs.sh builds them under .cache/peers; never a
 project dependency). Every server binds 127.0.0.1, gets the same thread count (OMP_NUM_THREADS /
 MKL_NUM_THREADS, and clipforge's --threads) and batch limit, and every measurement alternates
@@ -47,6 +50,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer_builds import (
+    BUILD_TOOLS,
     build_clip_retrieval,
     build_clipforge,
     clip_retrieval_agreement,
@@ -187,8 +191,7 @@ def goals(rows: list[dict], builds: list[dict], concurrencies: list[int], *, me:
             if peer and mine:
                 out.append({"goal": f"{endpoint} c=1 p99 below every peer's (best {peer[0]} {peer[1]} ms)",
                             "value": f"{mine[0][1]} ms", "met": mine[0][1] < peer[1]})
-    cf = next((b for b in builds if b["tool"] == "clipforge index build" and "images_per_s" in b and me == "clipforge"),
-              None)
+    cf = next((b for b in builds if b["tool"] == BUILD_TOOLS.get(me) and "images_per_s" in b), None)
     cr = next((b for b in builds if b["tool"] == "clip-retrieval inference" and "images_per_s" in b), None)
     if cf and cr:
         ratio = round(cf["images_per_s"] / cr["images_per_s"], 2)
@@ -233,7 +236,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="image decoding workers of both index builds")
     parser.add_argument("--max-batch-size", type=int, default=32, help="most items per forward pass, clipforge and infinity")
     parser.add_argument("--build-batch-size", type=int, default=32)
-    parser.add_argument("--peers", nargs="*", default=["infinity", "clip-retrieval"])
+    parser.add_argument("--peers", nargs="*", default=["infinity", "infinity-int8", "clip-retrieval"],
+                        help="infinity (float32), infinity-int8 (its --dtype int8, the fastest it runs on a CPU), "
+                             "clip-retrieval")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure clipforge serve --precision bf16 and index build --precision bf16")
     parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure clipforge serve --onnx (its own ONNX export of the same checkpoint)")
     parser.add_argument("--limit-images", type=int, default=None, help="index only the first N images (smoke runs)")
@@ -260,11 +267,14 @@ def image_folder(work: Path, limit: int | None) -> Path:
 
 
 def build_indexes(ckpt: Path, hf: Path, images: Path, work: Path, args: argparse.Namespace) -> tuple[Path, Path | None, list[dict]]:
+    """clipforge's index (and its bf16 build, which the bf16 server serves), then clip-retrieval's."""
     if args.skip_build and (work / "builds.json").is_file():
         builds = json.loads((work / "builds.json").read_text())
         return work / "clipforge-index", (work / "cr-index" if (work / "cr-index").is_dir() else None), builds
     cf_index, row = build_clipforge(ckpt, images, work, args)
     builds, cr_index = [row], None
+    if args.bf16:
+        builds.append(build_clipforge(ckpt, images, work, args, precision="bf16")[1])
     if "clip-retrieval" in args.peers:
         try:
             cr_index, row = build_clip_retrieval(hf, images, work, args)
@@ -278,12 +288,17 @@ def build_indexes(ckpt: Path, hf: Path, images: Path, work: Path, args: argparse
 def start_servers(ckpt: Path, hf: Path, cf_index: Path, cr_index: Path | None, builds: list[dict], work: Path,
                   args: argparse.Namespace) -> tuple[list[Server], dict[str, str]]:
     servers, unavailable = [start_clipforge(ckpt, cf_index, work, args)], {}
-    for peer in (["clipforge-onnx"] if args.onnx else []) + args.peers:
+    mine = (["clipforge-bf16"] if args.bf16 else []) + (["clipforge-onnx"] if args.onnx else [])
+    for peer in mine + args.peers:
         try:
             if peer == "clipforge-onnx":
                 servers.append(start_clipforge(ckpt, cf_index, work, args, onnx=export_onnx(ckpt, CACHE / "vit-b-32-onnx")))
+            elif peer == "clipforge-bf16":
+                servers.append(start_clipforge(ckpt, work / "clipforge-index-bf16", work, args, precision="bf16"))
             elif peer == "infinity":
                 servers.append(start_infinity(hf, work, args))
+            elif peer == "infinity-int8":
+                servers.append(start_infinity(hf, work, args, dtype="int8"))
             elif peer == "clip-retrieval":
                 if cr_index is None:
                     raise RuntimeError(next(b["error"] for b in builds if b["tool"] == "clip-retrieval inference"))
@@ -331,6 +346,10 @@ def main() -> int:
                 agree[key] = infinity_agreement(by[mine], by["infinity"], images)
                 print(f"same weights over HTTP, {mine} vs infinity: {agree[key]}", flush=True)
                 check_agreement(agree[key])
+        if "clipforge" in by and "infinity-int8" in by:  # recorded, not checked: int8 quantisation moves the vectors
+            agree["clipforge_vs_infinity_int8_http"] = infinity_agreement(by["clipforge"], by["infinity-int8"], images)
+            print(f"fp32 clipforge vs infinity --dtype int8 over HTTP: {agree['clipforge_vs_infinity_int8_http']}",
+                  flush=True)
             if "clip-retrieval" in by:
                 key = f"{mine}_vs_clip_retrieval_search".replace("-", "_")
                 agree[key] = search_agreement(by[mine], by["clip-retrieval"], clip_retrieval_paths(work))

@@ -33,13 +33,17 @@ def _row(tool: str, n: int, wall: float) -> dict:
     return {"tool": tool, "images": n, "seconds": round(wall, 1), "images_per_s": round(n / wall, 2)}
 
 
-def build_clipforge(ckpt: Path, images: Path, work: Path, args: argparse.Namespace) -> tuple[Path, dict]:
-    n, out = len(list(images.glob("*.jpg"))), work / "clipforge-index"
+BUILD_TOOLS = {"clipforge": "clipforge index build", "clipforge-bf16": "clipforge index build --precision bf16"}
+
+
+def build_clipforge(ckpt: Path, images: Path, work: Path, args: argparse.Namespace, *,
+                    precision: str = "fp32") -> tuple[Path, dict]:
+    n, out = len(list(images.glob("*.jpg"))), work / ("clipforge-index" if precision == "fp32" else f"clipforge-index-{precision}")
     wall = timed([sys.executable, "-m", "clipforge_cli", "index", "build", "--checkpoint", str(ckpt), "--images",
                   str(images), "--out", str(out), "--batch-size", str(args.build_batch_size), "--workers",
-                  str(args.workers), "--quiet"], cwd=ROOT, env=thread_env(args.threads),
-                 log=work / "clipforge-build.log", timeout=args.build_timeout)
-    return out, _row("clipforge index build", n, wall)
+                  str(args.workers), "--precision", precision, "--quiet"], cwd=ROOT, env=thread_env(args.threads),
+                 log=work / f"clipforge-build-{precision}.log", timeout=args.build_timeout)
+    return out, _row(BUILD_TOOLS["clipforge" if precision == "fp32" else f"clipforge-{precision}"], n, wall)
 
 
 def build_clip_retrieval(hf: Path, images: Path, work: Path, args: argparse.Namespace) -> tuple[Path, dict]:

@@ -81,6 +81,8 @@ REQUESTS: dict[str, dict[str, Builder]] = {
 }
 
 REQUESTS["clipforge-onnx"] = REQUESTS["clipforge"]  # the same service, its forward passes in onnxruntime
+REQUESTS["clipforge-bf16"] = REQUESTS["clipforge"]  # the same service, serve --precision bf16
+REQUESTS["infinity-int8"] = REQUESTS["infinity"]  # infinity --dtype int8 (its fastest CPU mode: bf16 is CUDA-only there)
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> tuple[int, bool]:

@@ -143,14 +143,19 @@ def _launch(name: str, cmd: list[str], *, cwd: Path, work: Path, threads: int) -
     return Server(name, int(cmd[cmd.index("--port") + 1]), proc, log)
 
 
-def start_clipforge(ckpt: Path, index: Path, work: Path, args: argparse.Namespace, *, onnx: Path | None = None) -> Server:
+def start_clipforge(
+    ckpt: Path, index: Path, work: Path, args: argparse.Namespace, *, onnx: Path | None = None, precision: str = "fp32",
+) -> Server:
     """clipforge serve; with `onnx` (its own export of the checkpoint) the forward passes run in onnxruntime."""
     cmd = [sys.executable, "-m", "clipforge_cli", "serve", "--checkpoint", str(ckpt), "--index", str(index),
            "--host", "127.0.0.1", "--port", str(free_port()), "--threads", str(args.threads),
            "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]
     if onnx is not None:
         cmd += ["--onnx", str(onnx)]
-    server = _launch("clipforge-onnx" if onnx else "clipforge", cmd, cwd=ROOT, work=work, threads=args.threads)
+    if precision != "fp32":
+        cmd += ["--precision", precision]
+    name = "clipforge-onnx" if onnx else "clipforge" if precision == "fp32" else f"clipforge-{precision}"
+    server = _launch(name, cmd, cwd=ROOT, work=work, threads=args.threads)
     wait_ready(server, "/readyz", args.start_timeout)
     import torch
 
@@ -163,13 +168,14 @@ def start_clipforge(ckpt: Path, index: Path, work: Path, args: argparse.Namespac
     return server
 
 
-def start_infinity(hf: Path, work: Path, args: argparse.Namespace) -> Server:
+def start_infinity(hf: Path, work: Path, args: argparse.Namespace, *, dtype: str = "float32") -> Server:
+    """infinity_emb v2 on the CPU; dtype int8 is its dynamic quantisation (it applies bfloat16 only on CUDA)."""
     python = venv_python("infinity")
     cmd = [str(python.parent / "infinity_emb"), "v2", "--model-id", str(hf), "--served-model-name", SERVED_NAME,
            "--host", "127.0.0.1", "--port", str(free_port()), "--engine", "torch", "--device", "cpu",
            "--batch-size", str(args.max_batch_size), "--no-bettertransformer", "--no-vector-disk-cache",
-           "--log-level", "warning"]
-    server = _launch("infinity", cmd, cwd=work, work=work, threads=args.threads)
+           "--dtype", dtype, "--log-level", "warning"]
+    server = _launch("infinity" if dtype == "float32" else f"infinity-{dtype}", cmd, cwd=work, work=work, threads=args.threads)
     wait_ready(server, "/health", args.start_timeout)
     server.version = "infinity_emb " + package_version(python, "infinity_emb")
     server.extra["command"] = "infinity_emb " + " ".join(cmd[1:])

@@ -164,6 +164,12 @@ def test_goals_compare_with_the_best_peer() -> None:
     rows.append(row("text_embedding", "clipforge-onnx", 32, 40.0, 600))
     onnx = peer_bench.goals(rows, builds, [1, 32], me="clipforge-onnx")
     assert [(g["server"], g["value"], g["met"]) for g in onnx] == [("clipforge-onnx", "40.0 req/s = 1.6x", True)]
+    # a bf16 server is judged on its own index build; the best peer may be a quantised one
+    rows += [row("text_embedding", "clipforge-bf16", 32, 80.0, 300), row("text_embedding", "infinity-int8", 32, 50.0, 500)]
+    builds.append({"tool": "clipforge index build --precision bf16", "images_per_s": 30.0})
+    bf16 = {g["goal"].split(" (")[0]: g["value"] for g in peer_bench.goals(rows, builds, [1, 32], me="clipforge-bf16")}
+    assert bf16["text_embedding c=32 req/s >= 1.5x best peer"] == "80.0 req/s = 1.6x"
+    assert bf16["index build >= 1.5x clip-retrieval inference"] == "30.0 images/s = 15.0x"
 
 
 def test_the_same_weights_check_needs_same_inputs_closer_than_different_ones() -> None:
