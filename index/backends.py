@@ -4,7 +4,7 @@ flat   exact inner product (IndexIDMap2 over IndexFlatIP); small collections.
 hnsw   graph search (IndexIDMap2 over IndexHNSWFlat); cannot delete, so removals are
        tombstones filtered during the search (an IDSelector) and compacted on rebuild.
 hnswsq graph search over 8-bit scalar-quantised codes, the candidates (k * refine_k_factor)
-       re-scored exactly from float16 copies (IndexIDMap2 over IndexRefine(IndexHNSWSQ,
+       re-scored exactly from float16 copies (IndexIDMap over IndexRefine(IndexHNSWSQ,
        fp16)): about a quarter of HNSW's memory when opened memory-mapped (only the
        graph and the codes a search touches are resident); removals are tombstones.
 ivfpq  inverted lists of product-quantised codes, trained on a sample: by default 2-dim
@@ -132,7 +132,7 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
             sample = train[np.random.default_rng(0).choice(len(train), params.train_size, replace=False)]
         refined.train(np.ascontiguousarray(sample, dtype=np.float32))
         resolved.update(refine_k_factor=max(refine, 1))
-        return faiss.IndexIDMap2(refined), resolved
+        return faiss.IndexIDMap(refined), resolved
     if kind == "ivfpq":
         n = 0 if train is None else len(train)
         # fast scan ranks more coarsely than the classic kernel: right when the re-ranking repairs it, not without
@@ -165,7 +165,7 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
             exact = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
             refined = faiss.IndexRefine(index, exact)
             refined.k_factor = refine
-            return faiss.IndexIDMap2(refined), resolved
+            return faiss.IndexIDMap(refined), resolved
         return index, resolved
     raise IndexStoreError(f"unknown index type {kind!r}")
 
@@ -181,7 +181,9 @@ def can_remove(kind: str, params: dict[str, Any]) -> bool:
 
 
 def id_mapped(index: faiss.Index) -> bool:
-    return isinstance(faiss.downcast_index(index), faiss.IndexIDMap2)
+    """Whether an id map wraps the index. The refined kinds use IndexIDMap: their removals are tombstones, so
+    IndexIDMap2's reverse map (about 30 MiB a million vectors) would buy nothing; older files hold IndexIDMap2."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexIDMap)
 
 
 def remove(index: faiss.Index, ids: np.ndarray) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from index_helpers import exact_top, images, recall, remove_top_hits_and_reopen
 
-from index import ImageIndex, backends
+from index import ImageIndex, backends, store
 
 
 def embedding_like(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -77,3 +77,34 @@ def test_ivfpq_recall_exact_scores_removal_and_reopen(tmp_path: Path, mmap: bool
     assert recall(reopened.search_by_vector(q, 10, nprobe=64), truth) >= recall(hits, truth) - 0.1
     reopened.rebuild()
     assert reopened.index_type == "ivfpq" and reopened.verify()["tombstones"] == 0 and len(reopened) == 5995
+
+
+def _faiss_file(directory: Path) -> faiss.Index:
+    return faiss.read_index(str(directory / store.gen_name(store.read_current(directory)) / store.FAISS_FILE))
+
+
+def test_refined_indexes_keep_no_reverse_id_map_and_older_files_still_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refined kinds wrap IndexIDMap (removals are tombstones, so IndexIDMap2's reverse map is dead weight);
+    a file an earlier version wrote with IndexIDMap2 opens, searches and takes removals as before."""
+    x, q = embedding_like(6000), embedding_like(20, seed=1)
+    for name in ("new", "old"):
+        with monkeypatch.context() as patch:
+            if name == "old":
+                patch.setattr(faiss, "IndexIDMap", faiss.IndexIDMap2)  # what earlier versions wrote
+            idx = ImageIndex.create(tmp_path / name, "m", dim=32, index_type="ivfpq", root=tmp_path)
+            idx.add_embeddings(x, images(6000))
+            idx.close()
+    assert type(faiss.downcast_index(_faiss_file(tmp_path / "new"))) is faiss.IndexIDMap
+    assert type(faiss.downcast_index(_faiss_file(tmp_path / "old"))) is faiss.IndexIDMap2
+    graph, _ = backends.new_index("hnswsq", 32, backends.IndexParams(), train=x)
+    assert type(faiss.downcast_index(graph)) is faiss.IndexIDMap
+    new, old = ImageIndex.open(tmp_path / "new"), ImageIndex.open(tmp_path / "old")
+    hits = new.search_by_vector(q, 10)
+    assert [[(h.id, h.score) for h in row] for row in hits] == \
+        [[(h.id, h.score) for h in row] for row in old.search_by_vector(q, 10)]
+    for idx in (new, old):
+        reopened = remove_top_hits_and_reopen(idx, q, hits, mmap=False)
+        assert reopened.verify() == {"count": 5995, "faiss_ntotal": 6000, "tombstones": 5}
+        reopened.close()
