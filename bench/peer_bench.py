@@ -346,14 +346,14 @@ def main() -> int:
                 agree[key] = infinity_agreement(by[mine], by["infinity"], images)
                 print(f"same weights over HTTP, {mine} vs infinity: {agree[key]}", flush=True)
                 check_agreement(agree[key])
-        if "clipforge" in by and "infinity-int8" in by:  # recorded, not checked: int8 quantisation moves the vectors
-            agree["clipforge_vs_infinity_int8_http"] = infinity_agreement(by["clipforge"], by["infinity-int8"], images)
-            print(f"fp32 clipforge vs infinity --dtype int8 over HTTP: {agree['clipforge_vs_infinity_int8_http']}",
-                  flush=True)
             if "clip-retrieval" in by:
                 key = f"{mine}_vs_clip_retrieval_search".replace("-", "_")
                 agree[key] = search_agreement(by[mine], by["clip-retrieval"], clip_retrieval_paths(work))
                 print(f"same answers, {mine} vs clip-retrieval search: {agree[key]}", flush=True)
+        if "clipforge" in by and "infinity-int8" in by:  # recorded, not checked: int8 quantisation moves the vectors
+            agree["clipforge_vs_infinity_int8_http"] = infinity_agreement(by["clipforge"], by["infinity-int8"], images)
+            print(f"fp32 clipforge vs infinity --dtype int8 over HTTP: {agree['clipforge_vs_infinity_int8_http']}",
+                  flush=True)
         load_start = load_average()
         rows = measure(servers, images, args)
         load_end = load_average()
