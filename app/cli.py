@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels-file", type=Path, help="default zero-shot labels, one per line")
     parser.add_argument("--device", help="torch device: cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16"),
-                        help="torch forward passes in fp32 (default) or bf16, 2-4x faster on CPUs with AMX or "
+                        help="torch forward passes in fp32 (default) or bf16, faster on CPUs with AMX or "
                              "AVX512-BF16 (CLIPFORGE_PRECISION)")
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and FAISS (default: all cores)")
     parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,

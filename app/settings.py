@@ -61,8 +61,8 @@ class Settings(BaseSettings):
         "cpu", description="torch device for the model: cpu, cuda, cuda:N or auto (a GPU when one is visible)"
     )
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="weights and activations of the torch forward passes: fp32, or bf16 (2-4x faster on "
-                            "CPUs with AMX or AVX512-BF16 and on GPUs; embeddings within cosine 0.9999 of fp32's)",
+        "fp32", description="weights and activations of the torch forward passes: fp32, or bf16 (faster on CPUs "
+                            "with AMX or AVX512-BF16 and on GPUs; embeddings within cosine 0.9999 of fp32's)",
     )
     threads: int | None = Field(
         None, ge=1, le=1024,

@@ -267,7 +267,7 @@ def _add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1, up to 8)")
     _add_device_flag(p)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="forward passes in fp32 or bf16 (2-4x faster on CPUs with AMX or AVX512-BF16 and on GPUs)")
+                   help="forward passes in fp32 or bf16 (faster on CPUs with AMX or AVX512-BF16 and on GPUs)")
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels than this")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

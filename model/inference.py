@@ -39,7 +39,7 @@ class CLIPInference:
         device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS, precision: Precision = "fp32",
     ) -> None:
         """precision "bf16" casts the weights to bfloat16: on CPUs with AMX or AVX512-BF16 (and GPUs) the forward
-        passes run 2-4x faster and the embeddings keep a cosine above 0.9999 with fp32's (docs/benchmarks.md)."""
+        passes run faster and the embeddings keep a cosine above 0.9999 with fp32's (docs/benchmarks.md)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
