@@ -44,9 +44,12 @@ class CLIPInference:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         self.dtype = PRECISIONS[precision]
-        temperature = model.logit_scale.detach().clone()
-        self.model = model.to(device=device, dtype=self.dtype).eval()
-        model.logit_scale.data = temperature.to(device)  # stays fp32: in bf16, 100 would read back as 98.9
+        if self.dtype == torch.float32:
+            self.model = model.to(device).eval()
+        else:
+            temperature = model.logit_scale.detach().clone()
+            self.model = model.to(device=device, dtype=self.dtype).eval()
+            model.logit_scale.data = temperature.to(device)  # stays fp32: in bf16, 100 would read back as 98.9
         self.tokenizer = tokenizer
         self.meta = dict(meta or {})
         self.device = torch.device(device)
