@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model.config import PRECISION_NAMES
+
 if TYPE_CHECKING:
     from .limits import ServingLimits
     from .settings import Settings
@@ -71,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
     parser.add_argument("--labels-file", type=Path, help="default zero-shot labels, one per line")
     parser.add_argument("--device", help="torch device: cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"),
+    parser.add_argument("--precision", choices=PRECISION_NAMES,
                         help="torch forward passes in fp32 (default) or bf16, faster on CPUs with AMX or "
                              "AVX512-BF16 (CLIPFORGE_PRECISION)")
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and FAISS (default: all cores)")

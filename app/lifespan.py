@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from model import PRESETS, CLIPInference, preset_config
+from model.device import cpu_has_native_bf16
 from model.errors import ClipforgeError
 
 from .dependencies import ServiceState
@@ -59,7 +60,7 @@ def load_service(state: ServiceState) -> None:
     if state.clip is None:
         clip = CLIPInference.load(settings.checkpoint, device=settings.device, max_pixels=settings.max_pixels,
                                   precision=settings.precision)
-        if settings.precision == "bf16" and clip.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if settings.precision == "bf16" and clip.device.type == "cpu" and not cpu_has_native_bf16():
             log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 forward passes will be slower than fp32")
         state.preset = preset_name(clip)
         state.default_labels = settings.default_labels() or clip.class_names

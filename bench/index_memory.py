@@ -30,18 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from index import ImageIndex  # noqa: E402
+from index_bench import rss_mb
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+from index import ImageIndex
 
 
 def main() -> int:
+    """Open, search, and report the growth of the resident set at each stage."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("index", type=Path, help="an index directory (clipforge index build / write_bench.py --keep)")
     parser.add_argument("--queries", type=int, default=2000, help="single queries after the open")
@@ -50,13 +45,12 @@ def main() -> int:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    queries = rng.standard_normal((args.queries, 1), dtype=np.float32)  # reshaped once the dimension is known
     faiss.omp_set_num_threads(1)
-    before = rss_mib()
+    before = rss_mb()
     started = time.perf_counter()
     idx = ImageIndex.open(args.index, mmap=args.mmap)
     open_s = time.perf_counter() - started
-    after_open = rss_mib() - before
+    after_open = rss_mb() - before
     n, dim = len(idx), idx.dim
     float16_mib = n * dim * 2 / 2**20
     queries = rng.standard_normal((args.queries, dim), dtype=np.float32)
@@ -65,7 +59,7 @@ def main() -> int:
     for q in queries:
         idx.search_by_vector(q[None, :], 10)
     query_s = time.perf_counter() - started
-    after_queries = rss_mib() - before
+    after_queries = rss_mb() - before
     result = {
         "index": str(args.index), "type": idx.index_type, "vectors": n, "dim": dim, "mmap": args.mmap,
         "float16_vectors_mib": round(float16_mib, 1), "open_s": round(open_s, 2),

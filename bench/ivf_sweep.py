@@ -45,7 +45,7 @@ def build(variant: str, xb: np.ndarray, nlist: int, train_size: int) -> tuple[fa
     base.train(sample)
     train_s = time.perf_counter() - t0
     refined = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, metric))
-    index = faiss.IndexIDMap2(refined)
+    index = faiss.IndexIDMap(refined)
     index.add_with_ids(xb, np.arange(n, dtype=np.int64))
     return index, (quantizer, base, refined), train_s, time.perf_counter() - t0
 

@@ -1,6 +1,6 @@
 """Peer benchmark (issue 16, section 5): clipforge's service against infinity and clip-retrieval's back end.
 
-All three serve THE SAME WEIGHTS: a ViT-B/32-sized transformers CLIPModel with random weights
+Every server serves THE SAME WEIGHTS: a ViT-B/32-sized transformers CLIPModel with random weights
 (bench/peer_weights.py), loaded by infinity (`infinity_emb v2 --model-id DIR`) and clip-retrieval
 (`hf_clip:DIR`) as it is, and by clipforge after `clipforge model import hf:DIR`; the bench checks
 that by comparing their embeddings of the same inputs (in process, over HTTP, and clip-retrieval's
@@ -55,6 +55,7 @@ from peer_builds import (
     build_clipforge,
     clip_retrieval_agreement,
     clip_retrieval_paths,
+    clipforge_index_dir,
 )
 from peer_load import (
     ENDPOINTS,
@@ -270,7 +271,7 @@ def build_indexes(ckpt: Path, hf: Path, images: Path, work: Path, args: argparse
     """clipforge's index (and its bf16 build, which the bf16 server serves), then clip-retrieval's."""
     if args.skip_build and (work / "builds.json").is_file():
         builds = json.loads((work / "builds.json").read_text())
-        return work / "clipforge-index", (work / "cr-index" if (work / "cr-index").is_dir() else None), builds
+        return clipforge_index_dir(work), (work / "cr-index" if (work / "cr-index").is_dir() else None), builds
     cf_index, row = build_clipforge(ckpt, images, work, args)
     builds, cr_index = [row], None
     if args.bf16:
@@ -294,7 +295,10 @@ def start_servers(ckpt: Path, hf: Path, cf_index: Path, cr_index: Path | None, b
             if peer == "clipforge-onnx":
                 servers.append(start_clipforge(ckpt, cf_index, work, args, onnx=export_onnx(ckpt, CACHE / "vit-b-32-onnx")))
             elif peer == "clipforge-bf16":
-                servers.append(start_clipforge(ckpt, work / "clipforge-index-bf16", work, args, precision="bf16"))
+                bf16_index = clipforge_index_dir(work, "bf16")
+                if not bf16_index.is_dir():
+                    raise RuntimeError(f"no bf16 index at {bf16_index}: rerun without --skip-build")
+                servers.append(start_clipforge(ckpt, bf16_index, work, args, precision="bf16"))
             elif peer == "infinity":
                 servers.append(start_infinity(hf, work, args))
             elif peer == "infinity-int8":

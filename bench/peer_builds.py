@@ -36,9 +36,14 @@ def _row(tool: str, n: int, wall: float) -> dict:
 BUILD_TOOLS = {"clipforge": "clipforge index build", "clipforge-bf16": "clipforge index build --precision bf16"}
 
 
+def clipforge_index_dir(work: Path, precision: str = "fp32") -> Path:
+    """Where `build_clipforge` writes the index of that precision (and the server of that precision reads it)."""
+    return work / ("clipforge-index" if precision == "fp32" else f"clipforge-index-{precision}")
+
+
 def build_clipforge(ckpt: Path, images: Path, work: Path, args: argparse.Namespace, *,
                     precision: str = "fp32") -> tuple[Path, dict]:
-    n, out = len(list(images.glob("*.jpg"))), work / ("clipforge-index" if precision == "fp32" else f"clipforge-index-{precision}")
+    n, out = len(list(images.glob("*.jpg"))), clipforge_index_dir(work, precision)
     wall = timed([sys.executable, "-m", "clipforge_cli", "index", "build", "--checkpoint", str(ckpt), "--images",
                   str(images), "--out", str(out), "--batch-size", str(args.build_batch_size), "--workers",
                   str(args.workers), "--precision", precision, "--quiet"], cwd=ROOT, env=thread_env(args.threads),

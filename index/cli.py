@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model.config import PRECISION_NAMES
+
 from .backends import REQUESTABLE
 from .errors import IndexStoreError
 from .image_index import ImageIndex
@@ -266,8 +268,8 @@ def _add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1, up to 8)")
     _add_device_flag(p)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="forward passes in fp32 or bf16 (faster on CPUs with AMX or AVX512-BF16 and on GPUs)")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
+                   help="forward passes in fp32 or bf16 (faster on CPUs with AMX or AVX512-BF16)")
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels than this")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -10,9 +10,13 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError
+
+# The dtypes inference can run in (CLIPInference, serve --precision, index build --precision).
+Precision = Literal["fp32", "bf16"]
+PRECISION_NAMES: tuple[str, ...] = get_args(Precision)
 
 MLP_ACTIVATIONS = ("gelu", "quick_gelu")
 IMAGE_RESIZES = ("crop_box", "shortest_edge")

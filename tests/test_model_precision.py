@@ -3,6 +3,7 @@ in bfloat16, the embeddings come back float32, unit-norm and within cosine 0.999
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,11 @@ from app.limits import ServingLimits
 from app.main import create_app
 from app.settings import Settings, SettingsError, load_settings
 from index import ImageIndex
-from model import CLIP, CLIPInference, CLIPTokenizer, load_checkpoint, preset_config, save_checkpoint
+from model import (
+    CLIPInference,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 TEXTS = ["a red circle", "a big blue square next to a green triangle", "green", "a triangle on the left"]
 IMAGES = [shape_image(shape, colour, size=40) for shape, colour in
@@ -123,3 +128,46 @@ def test_index_build_embeds_in_the_precision_asked(checkpoint: Path, tmp_path: P
     with pytest.raises(SystemExit):
         clipforge_cli.main(["index", "build", "--checkpoint", str(checkpoint), "--images", str(photos),
                             "--out", str(tmp_path / "idx2"), "--precision", "fp16"])
+
+
+def test_precision_comes_from_the_environment_too(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPFORGE_PRECISION", "bf16")
+    assert load_settings(checkpoint=checkpoint).precision == "bf16"
+    assert load_settings(checkpoint=checkpoint, precision="fp32").precision == "fp32"  # a flag wins
+
+
+def test_a_cpu_without_native_bf16_gets_a_warning(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import app.lifespan
+
+    monkeypatch.setattr(app.lifespan, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING), TestClient(create_app(Settings(checkpoint=checkpoint, precision="bf16"),
+                                                                 ServingLimits())) as client:
+        assert client.get("/info").json()["precision"] == "bf16"
+    assert any("no native bf16" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(app.lifespan, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING), TestClient(create_app(Settings(checkpoint=checkpoint, precision="bf16"),
+                                                                 ServingLimits())):
+        pass
+    assert not any("no native bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_index_add_embeds_in_the_precision_asked(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "0.png").write_bytes(IMAGES[0])
+    assert clipforge_cli.main(["index", "build", "--checkpoint", str(checkpoint), "--images", str(photos),
+                               "--out", str(tmp_path / "idx"), "--workers", "0", "--quiet"]) == 0
+    (photos / "1.png").write_bytes(IMAGES[1])
+    loaded: list[str] = []
+    real_load = CLIPInference.load.__func__
+    monkeypatch.setattr(CLIPInference, "load", classmethod(
+        lambda cls, *a, **kw: loaded.append(kw.get("precision")) or real_load(cls, *a, **kw)))
+    code = clipforge_cli.main(["index", "add", str(tmp_path / "idx"), str(photos), "--precision", "bf16",
+                               "--workers", "0", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert loaded == ["bf16"]
+    with ImageIndex.open(tmp_path / "idx") as idx:
+        assert len(idx) == 2
