@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model.config import Precision
+
 from .messages import public_message
 
 
@@ -175,7 +177,7 @@ class InfoResponse(BaseModel):
     logit_scale: float
     runtime: str = Field("torch", description="what runs the forward passes: torch, or onnxruntime when the service "
                                               "serves the checkpoint's ONNX export (CLIPFORGE_ONNX)")
-    precision: str = Field("fp32", description="fp32 or bf16: the dtype of the torch forward passes (CLIPFORGE_PRECISION)")
+    precision: Precision = Field("fp32", description="fp32 or bf16: the dtype of the torch forward passes (CLIPFORGE_PRECISION)")
     default_labels: list[str]
     index: IndexInfo | None = Field(None, description="null when the service runs without an index")
     batching: dict[str, Any]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from peer_servers import last_error_line, thread_env, venv_python
+from peer_servers import clipforge_name, last_error_line, thread_env, venv_python
 from peer_weights import ROOT, rows_cosine
 
 
@@ -48,7 +48,7 @@ def build_clipforge(ckpt: Path, images: Path, work: Path, args: argparse.Namespa
                   str(images), "--out", str(out), "--batch-size", str(args.build_batch_size), "--workers",
                   str(args.workers), "--precision", precision, "--quiet"], cwd=ROOT, env=thread_env(args.threads),
                  log=work / f"clipforge-build-{precision}.log", timeout=args.build_timeout)
-    return out, _row(BUILD_TOOLS["clipforge" if precision == "fp32" else f"clipforge-{precision}"], n, wall)
+    return out, _row(BUILD_TOOLS[clipforge_name(precision)], n, wall)
 
 
 def build_clip_retrieval(hf: Path, images: Path, work: Path, args: argparse.Namespace) -> tuple[Path, dict]:

@@ -143,6 +143,11 @@ def _launch(name: str, cmd: list[str], *, cwd: Path, work: Path, threads: int) -
     return Server(name, int(cmd[cmd.index("--port") + 1]), proc, log)
 
 
+def clipforge_name(precision: str = "fp32") -> str:
+    """The bench's name of the clipforge server (and index build) of that precision."""
+    return "clipforge" if precision == "fp32" else f"clipforge-{precision}"
+
+
 def start_clipforge(
     ckpt: Path, index: Path, work: Path, args: argparse.Namespace, *, onnx: Path | None = None, precision: str = "fp32",
 ) -> Server:
@@ -154,7 +159,7 @@ def start_clipforge(
         cmd += ["--onnx", str(onnx)]
     if precision != "fp32":
         cmd += ["--precision", precision]
-    name = "clipforge-onnx" if onnx else "clipforge" if precision == "fp32" else f"clipforge-{precision}"
+    name = "clipforge-onnx" if onnx else clipforge_name(precision)
     server = _launch(name, cmd, cwd=ROOT, work=work, threads=args.threads)
     wait_ready(server, "/readyz", args.start_timeout)
     import torch
