@@ -93,6 +93,7 @@ def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str, mon
     acked_add: set[int] = set(range(1, base + 1))
     acked_del: set[int] = set()
     rng = random.Random(kind)
+    delta_counts: list[int] = []  # the delta's size at each reopen and at the end: a write may fold it to 0
     for attempt in range(1 if kind == "ivfpq" else 2):
         proc = start_writer(path, seed=attempt + 10 * len(kind), segment_from=50 if delta else None)
         wait_ready(proc)
@@ -114,10 +115,12 @@ def test_kill_9_mid_write_leaves_old_or_new_state(tmp_path: Path, kind: str, mon
         assert all(len(row) == 10 for row in hits)
         acked_add |= unacked  # committed though unacknowledged: now part of the state
         acked_del |= in_flight_del - live
+        delta_counts.append(reopened.info()["delta_count"])
         reopened.close()
     idx.add_embeddings(unit(1, 98), [NewImage("after.png", "a" * 64, 1, 1)])  # a writer cleans up after the crash
     assert not [p for p in os.listdir(path) if p.endswith(".tmp")]
-    assert bool(idx.info()["delta_count"]) == bool(delta)
+    delta_counts.append(idx.info()["delta_count"])
+    assert any(delta_counts) == bool(delta), delta_counts
     idx.verify()
 
 
