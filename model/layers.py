@@ -16,33 +16,46 @@ from .config import MLP_ACTIVATIONS
 
 
 # --------------------------------------------------------------------------- linear layers
+# oneDNN's fused post-op for each activation `linear` takes: (attr, scalars, algorithm)
+ONEDNN_ACTS: dict[str | None, tuple[str, list, str]] = {
+    None: ("none", [], ""), "gelu": ("gelu", [], "none"), "silu": ("swish", [], ""),
+}
+ACTS = {None: lambda y: y, "gelu": F.gelu, "silu": F.silu}
+
+
 @functools.cache
-def _onednn_linear_works() -> bool:
-    """Whether torch's oneDNN linear kernel (the one torch.compile uses on CPU) exists and agrees with F.linear."""
+def _onednn_linear_works(dtype: torch.dtype) -> bool:
+    """Whether torch's oneDNN linear kernel (the one torch.compile uses on CPU) exists for `dtype` and agrees
+    with F.linear, each fused activation included."""
     try:
         gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((2, 3, 8), (5, 8), (5,)))
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-        return bool(torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5))
-    except Exception:  # noqa: BLE001 - an older/newer torch without it simply takes F.linear
+        x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((2, 3, 8), (5, 8), (5,)))
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        for act, (attr, scalars, algorithm) in ONEDNN_ACTS.items():
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, attr, scalars, algorithm)
+            expected = ACTS[act](F.linear(x.float(), w.float(), b.float()))
+            if y.dtype != dtype or not torch.allclose(y.float(), expected, atol=tol, rtol=tol):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - an older/newer torch (or a CPU) without it simply takes F.linear
         return False
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """F.linear (optionally followed by exact GELU), on oneDNN with the GELU fused when inferring in fp32 on CPU.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+    """F.linear, then `act` (None, "gelu": exact GELU, or "silu"), on oneDNN with the activation fused when
+    inferring in fp32 or bf16 on CPU.
 
     The fused kernel is faster on CPU (docs/benchmarks.md) but has no autograd, so training
     keeps F.linear; under torch.compile, inductor chooses its own kernels.
     """
     if (
         not torch.compiler.is_compiling()  # inductor picks (and fuses) its own kernels
-        and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-        and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _onednn_linear_works()
+        and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu") and _onednn_linear_works(x.dtype)
     ):
-        attr, algorithm = ("gelu", "none") if gelu else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
+        attr, scalars, algorithm = ONEDNN_ACTS[act]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
+    return ACTS[act](F.linear(x, weight, bias))
 
 
 # --------------------------------------------------------------------------- rotary embeddings
@@ -190,9 +203,12 @@ class Attention(nn.Module):
 
 
 # --------------------------------------------------------------------------- MLP and block
+QUICK_GELU_ALPHA = 1.702
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
 
 
 class MLP(nn.Module):
@@ -208,10 +224,24 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "gelu":  # exact (erf) GELU, fused into the linear where the kernel allows
-            h = linear(x, self.fc.weight, self.fc.bias, gelu=True)
+            h = linear(x, self.fc.weight, self.fc.bias, "gelu")
+        elif self.act == "silu":  # quick_gelu with its 1.702 folded into the weights (fold_quick_gelu)
+            h = linear(x, self.fc.weight, self.fc.bias, "silu")
         else:
             h = quick_gelu(linear(x, self.fc.weight, self.fc.bias))
         return self.drop(linear(h, self.proj.weight, self.proj.bias))
+
+    @torch.no_grad()
+    def fold_quick_gelu(self) -> None:
+        """For inference only: x sigmoid(a x) = silu(a x) / a, so a goes into fc and 1/a into proj, and the
+        activation becomes one silu kernel instead of three (a multiply, a sigmoid, a multiply). The weights
+        change, so a folded model is not one to train or save."""
+        if self.act != "quick_gelu":
+            return
+        self.fc.weight.mul_(QUICK_GELU_ALPHA)
+        self.fc.bias.mul_(QUICK_GELU_ALPHA)
+        self.proj.weight.div_(QUICK_GELU_ALPHA)
+        self.act = "silu"
 
 
 class Block(nn.Module):

@@ -141,19 +141,22 @@ def test_sdpa_path_equals_math_path_in_both_towers(text_pos: str, kv_heads: int)
 
 
 # --------------------------------------------------------------------------- the inference linear kernel
-@pytest.mark.parametrize("gelu", [False, True])
-def test_inference_linear_matches_f_linear(gelu: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [None, "gelu", "silu"])
+def test_inference_linear_matches_f_linear(act: str | None, dtype: torch.dtype) -> None:
     torch.manual_seed(7)
-    x = torch.randn(3, 9, 32)
-    w, b = torch.randn(48, 32), torch.randn(48)
-    expected = F.linear(x, w, b)
-    expected = F.gelu(expected) if gelu else expected
+    x = torch.randn(3, 9, 32).to(dtype)
+    w, b = torch.randn(48, 32).to(dtype), torch.randn(48).to(dtype)
+    expected = F.linear(x.float(), w.float(), b.float())  # the same (rounded) inputs, in float32
+    expected = {None: expected, "gelu": F.gelu(expected), "silu": F.silu(expected)}[act]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     with torch.no_grad():  # the fused oneDNN path where torch has it
-        got = linear(x, w, b, gelu=gelu)
-        strided = linear(x[:, :1], w[:16], b[:16], gelu=gelu)  # row slices, as the CLS-only block uses
-    assert torch.allclose(got, expected, atol=1e-5)
-    assert torch.allclose(strided, expected[:, :1, :16], atol=1e-5)
-    assert torch.allclose(linear(x, w, b, gelu=gelu), expected, atol=1e-6)  # grad mode: F.linear
+        got = linear(x, w, b, act)
+        strided = linear(x[:, :1], w[:16], b[:16], act)  # row slices, as the CLS-only block uses
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), expected, atol=tol, rtol=tol)
+    assert torch.allclose(strided.float(), expected[:, :1, :16], atol=tol, rtol=tol)
+    assert torch.allclose(linear(x, w, b, act).float(), expected, atol=tol, rtol=tol)  # grad mode: F.linear
 
 
 def test_model_outputs_agree_between_inference_and_grad_mode() -> None:

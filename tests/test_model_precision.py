@@ -171,3 +171,43 @@ def test_index_add_embeds_in_the_precision_asked(checkpoint: Path, tmp_path: Pat
     assert loaded == ["bf16"]
     with ImageIndex.open(tmp_path / "idx") as idx:
         assert len(idx) == 2
+
+
+def test_quick_gelu_folds_into_silu_exactly_and_bf16_uses_it(checkpoint: Path) -> None:
+    """x sigmoid(1.702 x) = silu(1.702 x) / 1.702: folded weights give fp32's outputs to rounding, and bf16
+    inference of a quick_gelu model (OpenAI's CLIP) runs the folded silu."""
+    from dataclasses import replace
+
+    from model import CLIP
+    from model.layers import MLP
+
+    model, tokenizer, meta = load_checkpoint(checkpoint)
+    quick = CLIP(replace(model.cfg, mlp_act="quick_gelu"))
+    quick.load_state_dict(model.state_dict())
+    quick.eval()
+    ids = tokenizer.encode(TEXTS)
+    pixels = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before = quick.encode_text(ids), quick.encode_image(pixels)
+    mlps = [m for m in quick.modules() if isinstance(m, MLP)]
+    fc_before = mlps[0].fc.weight.clone()
+    for m in mlps:
+        m.fold_quick_gelu()
+    assert {m.act for m in mlps} == {"silu"} and not torch.equal(mlps[0].fc.weight, fc_before)
+    with torch.inference_mode():
+        after = quick.encode_text(ids), quick.encode_image(pixels)
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    mlps[0].fold_quick_gelu()  # folding twice is a no-op, not a second scaling
+    assert mlps[0].act == "silu"
+
+    fresh = CLIP(replace(model.cfg, mlp_act="quick_gelu"))
+    fresh.load_state_dict(model.state_dict())
+    fp32 = CLIPInference(fresh, tokenizer, meta)
+    assert {m.act for m in fp32.model.modules() if isinstance(m, MLP)} == {"quick_gelu"}  # fp32 stays as trained
+    reference = fp32.embed_texts(TEXTS)
+    other = CLIP(replace(model.cfg, mlp_act="quick_gelu"))
+    other.load_state_dict(model.state_dict())
+    bf16 = CLIPInference(other, tokenizer, meta, precision="bf16")
+    assert {m.act for m in bf16.model.modules() if isinstance(m, MLP)} == {"silu"}
+    assert _cosines(bf16.embed_texts(TEXTS), reference).min() > 0.999
