@@ -43,17 +43,17 @@ def uvicorn_options(settings: Settings, limits: ServingLimits | None = None) -> 
 
     The shutdown timeout passes through as given (uvicorn hands it to asyncio.wait_for, which takes
     any float): rounding it down would turn 0.5 into 0, which uvicorn reads as "wait forever". The
-    protocol is h11 with app/connections.py's head deadline and connection cap.
+    protocol is httptools with app/connections.py's head deadline, head size cap and connection cap, on
+    asyncio's own loop (under uvloop the body-stall test failed half its runs on a loaded machine).
     """
     from .connections import protocol_for
     from .limits import load_limits
 
     limits = limits if limits is not None else load_limits()
     return {
-        "http": protocol_for(limits),
+        "http": protocol_for(limits, max_head_bytes=settings.max_head_bytes), "loop": "asyncio",
         "host": settings.host, "port": settings.port, "log_config": None, "access_log": False, "lifespan": "on",
         "timeout_graceful_shutdown": settings.shutdown_timeout_s, "server_header": False,
-        "h11_max_incomplete_event_size": settings.max_head_bytes,
     }
 
 

@@ -1,8 +1,12 @@
-"""Connection guards under uvicorn's h11 protocol: slow or silent clients are closed, open connections capped.
+"""Connection guards under uvicorn's httptools protocol: slow or silent clients are closed, heads and
+open connections capped.
 
 uvicorn closes an idle keep-alive connection, but a connection that never completes its request
 head (never sends a byte, or sends one a second) is kept until the client leaves, bounded only by the
-open-file limit. The request body's own limits are in app/middleware.py (BodyLimitMiddleware).
+open-file limit, and httptools parses a head of any length. The request body's own limits are in
+app/middleware.py (BodyLimitMiddleware). httptools (llhttp, C) rather than h11 (pure Python): it
+parses a request in a fraction of the CPU time, which the model thread shares on a small machine
+(docs/benchmarks.md, Serving against the peers).
 """
 
 from __future__ import annotations
@@ -10,28 +14,42 @@ from __future__ import annotations
 import asyncio
 import json
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .limits import ServingLimits
 
 
 def _raw_error(status: int, reason: str, code: str, message: str, extra: str = "") -> bytes:
-    """A complete HTTP/1.1 error response in the service's JSON shape, for before h11 has seen a request."""
+    """A complete HTTP/1.1 error response in the service's JSON shape, for before the app has seen a request."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{extra}connection: close\r\n\r\n")
     return head.encode("latin-1") + body
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head and a cap on open connections."""
+MAX_URL_BYTES = 65535  # httptools.parse_url refuses longer URLs
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback (the parser then fails): the URL or the whole head is over its limit."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size cap for each request head, and a cap on
+    open connections."""
 
     header_timeout_s: float = 5.0
     max_connections: int = 512
+    max_head_bytes: int = 2 * 1024 * 1024
     retry_after_s: int = 1
 
     _head_timer: asyncio.TimerHandle | None = None
+    _message_open = False  # between on_message_begin and on_message_complete
+    _head_done = False  # this message's headers are complete
+    _head_bytes = 0  # request line and header bytes of the message being parsed
+    _pending = False  # bytes of a new request have arrived and its head is not complete
+    _url_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -47,12 +65,64 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel_head_timer()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._waiting_for_head():
+            self._pending = True
+        super().data_received(data)  # a parse error, a callback's HeadTooLarge included, calls send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's plain-text answer to a request it cannot parse, in the service's JSON error shape."""
+        if self._url_bytes > MAX_URL_BYTES:
+            self._close_with(_raw_error(
+                414, "URI Too Long", "uri_too_long", f"the request URL exceeds {MAX_URL_BYTES:,} bytes"))
+        elif self._head_bytes > self.max_head_bytes:
+            self._close_with(_raw_error(
+                431, "Request Header Fields Too Large", "headers_too_large",
+                f"the request line and headers exceed {self.max_head_bytes:,} bytes"))
+        else:
+            self._close_with(_raw_error(400, "Bad Request", "bad_request", "the request is not valid HTTP/1.1"))
+
+    # ------------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._message_open, self._head_done, self._head_bytes, self._url_bytes = True, False, 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        if self._url_bytes > MAX_URL_BYTES:
+            raise HeadTooLarge
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_done, self._pending = True, False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._message_open = False
+        super().on_message_complete()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
             self._arm_head_timer()  # the next request's head has the same deadline
 
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.max_head_bytes:
+            raise HeadTooLarge
+
     # ------------------------------------------------------------------ the head deadline
+    def _waiting_for_head(self) -> bool:
+        """No request is being handled: between requests, or inside a head not yet complete."""
+        if self._message_open and not self._head_done:
+            return True
+        return not self._message_open and (self.cycle is None or self.cycle.response_complete)
+
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_deadline)
@@ -67,11 +137,10 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        waiting_for_head = self.conn.their_state is h11.IDLE
-        leftover_body = self.conn.their_state is h11.SEND_BODY and self.conn.our_state in (h11.DONE, h11.MUST_CLOSE)
-        if not (waiting_for_head or leftover_body):
+        leftover_body = self._message_open and self._head_done and self.cycle.response_complete
+        if not (self._waiting_for_head() or leftover_body):
             return  # a request is being handled: its body has the middleware's limits
-        partial = bool(self.conn.trailing_data[0]) and waiting_for_head
+        partial = self._pending and not leftover_body
         self._close_with(_raw_error(
             408, "Request Timeout", "request_timeout",
             f"the request headers did not arrive within {self.header_timeout_s:g} s") if partial else b"")
@@ -83,12 +152,13 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def protocol_for(limits: ServingLimits) -> type[GuardedH11Protocol]:
+def protocol_for(limits: ServingLimits, *, max_head_bytes: int) -> type[GuardedHttpToolsProtocol]:
     """The protocol class uvicorn instantiates per connection, carrying these limits."""
 
-    class Configured(GuardedH11Protocol):
+    class Configured(GuardedHttpToolsProtocol):
         header_timeout_s = limits.header_timeout_s
         max_connections = limits.max_connections
         retry_after_s = limits.retry_after_s
 
+    Configured.max_head_bytes = max_head_bytes
     return Configured

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1, description="most search results per query")
     max_head_bytes: int = Field(
         2 * 1024 * 1024, ge=16 * 1024,
-        description="largest request line plus headers; the HTTP server refuses longer ones with a bare 400",
+        description="largest request line plus headers; longer ones get a 431 and the connection is closed",
     )
     max_thumbnail: int = Field(1024, ge=16, description="largest thumbnail side in pixels")
     # image decoding: a small upload can decode to gigabytes (a 82 KB PNG of 6000 x 6000 16-bit pixels)

@@ -148,6 +148,12 @@ def test_one_megabyte_query(live) -> None:
     response = conn.getresponse()
     body = json.loads(response.read())
     conn.close()
+    assert response.status == 414 and body["error"]["code"] == "uri_too_long"  # refused before it is parsed
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", "/search?k=5&q=" + "a" * 60_000)  # under the URL limit: the app's own bound on texts
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    conn.close()
     assert response.status == 422 and body["error"]["code"] == "text_too_long"
 
 

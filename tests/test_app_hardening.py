@@ -85,7 +85,7 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
 
 
 SLOW_ENV = {"CLIPFORGE_API_KEYS": API_KEY, "CLIPFORGE_HEADER_TIMEOUT_S": "1", "CLIPFORGE_BODY_IDLE_TIMEOUT_S": "1",
-            "CLIPFORGE_BODY_TIMEOUT_S": "3", "CLIPFORGE_MAX_CONNECTIONS": "24"}
+            "CLIPFORGE_BODY_TIMEOUT_S": "3", "CLIPFORGE_MAX_CONNECTIONS": "24", "CLIPFORGE_MAX_HEAD_BYTES": "16384"}
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +347,37 @@ def test_headers_sent_a_byte_at_a_time_get_408(live) -> None:
         sock.close()
     assert time.monotonic() - started < 8
     assert data.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in data, data[:200]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the loaded libraries from /proc")
+def test_the_server_parses_with_httptools(live) -> None:
+    """The C parser is what keeps the HTTP side's CPU small beside the model thread."""
+    assert "httptools/parser" in Path(f"/proc/{live.proc.pid}/maps").read_text()
+
+
+def test_a_head_over_the_limit_gets_431_and_garbage_gets_400_in_the_json_shape(live) -> None:
+    sock = _connect(live.url)
+    try:  # 16 KiB is the limit here; the head arrives in pieces, so no single read holds all of it
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for i in range(40):
+            try:
+                sock.sendall(f"X-Pad-{i}: ".encode() + b"a" * 1000 + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        data, took = _read_until_closed(sock, 10)
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 431") and b'"headers_too_large"' in data, data[:300]
+    assert took < 5
+    fits = {f"X-Pad-{i}": "a" * 1000 for i in range(12)}  # 12 KiB: under the limit
+    assert httpx.get(live.url + "/healthz", headers=fits, timeout=10).status_code == 200
+    sock = _connect(live.url)
+    try:
+        sock.sendall(b"\x16\x03\x01 not HTTP at all\r\n\r\n")  # a TLS hello's first bytes, then noise
+        data, _ = _read_until_closed(sock, 10)
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 400") and b'"bad_request"' in data and b"application/json" in data, data[:300]
 
 
 def _post_head(path: str, length: int) -> bytes:
