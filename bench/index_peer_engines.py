@@ -44,6 +44,9 @@ def _reply(obj: dict) -> None:
     sys.stdout.flush()
 
 
+IVF_NPROBES = (4, 8, 12, 16, 24, 32, 48, 64)  # clipforge's ivfpq knob (its default nprobe is 32)
+
+
 class ClipforgeEngine:
     """ImageIndex.create + add_embeddings; search_by_vector one query at a time."""
 
@@ -74,20 +77,28 @@ class ClipforgeEngine:
         self.faiss.omp_set_num_threads(1)
         gen = self.index.directory / store.gen_name(self.index.generation)
         resolved = self.index.index_type
-        settings = [f"ef={e}" for e in ef] if resolved in ("hnsw", "hnswsq") else ["exact"]
+        if resolved in ("hnsw", "hnswsq"):
+            settings = [f"ef={e}" for e in ef]
+        elif resolved == "ivfpq":
+            settings = [f"nprobe={p}" for p in IVF_NPROBES]
+        else:
+            settings = ["exact"]
         settings += [self.FAISS_ONLY + s for s in settings] if self.faiss_only else []
         return {"resolved_type": resolved, "params": self.index.manifest.params,
                 "index_file_bytes": (gen / store.FAISS_FILE).stat().st_size, "settings": settings,
                 "versions": {"faiss": self.faiss.__version__}}
 
     def search(self, q: np.ndarray, setting: str) -> list[int]:
-        ef = int(setting.split("=")[1]) if "ef=" in setting else None
+        knob = setting.removeprefix(self.FAISS_ONLY)
+        ef = int(knob.split("=")[1]) if knob.startswith("ef=") else None
+        nprobe = int(knob.split("=")[1]) if knob.startswith("nprobe=") else None
         if setting.startswith(self.FAISS_ONLY):  # what search_snapshot calls, without metadata and results
             st = self.index._state
             _, ids = self.backends.search(st.index, st.manifest.index_type, q[None, :], K, st.manifest.params,
-                                          st.tombstones, ef, None, st.half_scan)
+                                          st.tombstones, ef, nprobe, st.half_scan)
             return [int(i) - self.first for i in ids[0]]
-        return [r.id - self.first for r in self.index.search_by_vector(q[None, :], K, ef_search=ef)[0]]
+        hits = self.index.search_by_vector(q[None, :], K, ef_search=ef, nprobe=nprobe)[0]
+        return [r.id - self.first for r in hits]
 
 
 class HnswlibEngine:

@@ -59,11 +59,12 @@ OURS_PYTHON = ROOT / ".venv" / "bin" / "python"
 PEER_PYTHON = ROOT / ".venv-indexpeers" / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "index_peers.json"
 RECALL_TARGETS = (0.95, 0.98, 0.99)
-# engine -> (which interpreter, family); clipforge's first: autofaiss's budget is clipforge hnswsq's size
+# engine -> (which interpreter, family); clipforge's first: autofaiss's budget is the size of the first clipforge index built
 ENGINES: dict[str, tuple[str, str]] = {
     "clipforge-hnsw": ("ours", "clipforge"),
     "clipforge-hnswsq": ("ours", "clipforge"),
     "clipforge-auto": ("ours", "clipforge"),
+    "clipforge-ivfpq": ("ours", "clipforge"),
     "hnswlib": ("peer", "hnswlib"),
     "usearch-f32": ("peer", "usearch"),
     "usearch-f16": ("peer", "usearch"),
@@ -267,7 +268,7 @@ def bench_size(args: argparse.Namespace, n: int) -> dict:
                     print(f"{name}: UNAVAILABLE: {run['engines'][name]['error']}", flush=True)
                     continue
                 if name == "autofaiss" and not budget:
-                    run["engines"][name] = {"error": "no clipforge-hnswsq build to take the memory budget from"}
+                    run["engines"][name] = {"error": "no clipforge build to take the memory budget from"}
                     print(f"{name}: skipped: {run['engines'][name]['error']}", flush=True)
                     continue
                 w = Worker(name, python, folder, args, budget)
@@ -286,8 +287,9 @@ def bench_size(args: argparse.Namespace, n: int) -> dict:
                 info.pop("event")
                 run["engines"][name] = info
                 workers[name] = w
-                if name == "clipforge-hnswsq" and not args.autofaiss_budget_bytes:
+                if ENGINES[name][1] == "clipforge" and not budget:
                     budget = int(info["index_file_bytes"])
+                    run["autofaiss_budget_from"] = name
                 extra = f" -> {info['resolved_type']}" if "resolved_type" in info else ""
                 extra += f" index_key={info['index_key']} tuned={info['tuned_param']!r}" if "index_key" in info else ""
                 print(f"{name}{extra}: built in {info['build_s']:.1f}s ({info['build_cpu_s']:.0f} CPU s), +{info['rss_mib']:.0f} MiB RSS "
