@@ -44,7 +44,7 @@ def uvicorn_options(settings: Settings, limits: ServingLimits | None = None) -> 
     The shutdown timeout passes through as given (uvicorn hands it to asyncio.wait_for, which takes
     any float): rounding it down would turn 0.5 into 0, which uvicorn reads as "wait forever". The
     protocol is httptools with app/connections.py's head deadline, head size cap and connection cap, on
-    asyncio's own loop (under uvloop the body-stall test failed half its runs on a loaded machine).
+    asyncio's own loop (under uvloop the crawling-body test failed 7 of 22 runs on a loaded machine).
     """
     from .connections import protocol_for
     from .limits import load_limits
