@@ -137,7 +137,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        leftover_body = self._message_open and self._head_done and self.cycle.response_complete
+        leftover_body = (self._message_open and self._head_done and self.cycle is not None
+                         and self.cycle.response_complete)
         if not (self._waiting_for_head() or leftover_body):
             return  # a request is being handled: its body has the middleware's limits
         partial = self._pending and not leftover_body
