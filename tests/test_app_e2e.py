@@ -142,19 +142,20 @@ def test_bad_input_corpus(live, name: str, method: str, path: str, kwargs: dict,
 
 
 def test_one_megabyte_query(live) -> None:
-    parts = urlsplit(live.url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("GET", "/search?k=5&q=" + "a" * 1_000_000)
-    response = conn.getresponse()
-    body = json.loads(response.read())
-    conn.close()
-    assert response.status == 414 and body["error"]["code"] == "uri_too_long"  # refused before it is parsed
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("GET", "/search?k=5&q=" + "a" * 60_000)  # under the URL limit: the app's own bound on texts
-    response = conn.getresponse()
-    body = json.loads(response.read())
-    conn.close()
-    assert response.status == 422 and body["error"]["code"] == "text_too_long"
+    def get(path: str) -> tuple[int, dict]:
+        parts = urlsplit(live.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    status, body = get("/search?k=5&q=" + "a" * 1_000_000)
+    assert status == 414 and body["error"]["code"] == "uri_too_long"  # refused before it is parsed
+    status, body = get("/search?k=5&q=" + "a" * 60_000)  # under the URL limit: the app's own bound on texts
+    assert status == 422 and body["error"]["code"] == "text_too_long"
 
 
 # openapi-python-client 0.29.1 types an operation with two body forms (multipart, JSON) as `... | Unset`

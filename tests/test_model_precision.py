@@ -182,9 +182,17 @@ def test_quick_gelu_folds_into_silu_exactly_and_bf16_uses_it(checkpoint: Path) -
     from model.layers import MLP
 
     model, tokenizer, meta = load_checkpoint(checkpoint)
-    quick = CLIP(replace(model.cfg, mlp_act="quick_gelu"))
-    quick.load_state_dict(model.state_dict())
-    quick.eval()
+
+    def quick_gelu_copy() -> CLIP:
+        """The perturbed model's weights under OpenAI CLIP's activation."""
+        copy = CLIP(replace(model.cfg, mlp_act="quick_gelu"))
+        copy.load_state_dict(model.state_dict())
+        return copy.eval()
+
+    def acts(m: torch.nn.Module) -> set[str]:
+        return {module.act for module in m.modules() if isinstance(module, MLP)}
+
+    quick = quick_gelu_copy()
     ids = tokenizer.encode(TEXTS)
     pixels = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -193,21 +201,18 @@ def test_quick_gelu_folds_into_silu_exactly_and_bf16_uses_it(checkpoint: Path) -
     fc_before = mlps[0].fc.weight.clone()
     for m in mlps:
         m.fold_quick_gelu()
-    assert {m.act for m in mlps} == {"silu"} and not torch.equal(mlps[0].fc.weight, fc_before)
+    assert acts(quick) == {"silu"} and not torch.equal(mlps[0].fc.weight, fc_before)
     with torch.inference_mode():
         after = quick.encode_text(ids), quick.encode_image(pixels)
     for b, a in zip(before, after):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    folded = [p.clone() for p in mlps[0].parameters()]
     mlps[0].fold_quick_gelu()  # folding twice is a no-op, not a second scaling
     assert mlps[0].act == "silu"
+    assert all(torch.equal(p, q) for p, q in zip(mlps[0].parameters(), folded))
 
-    fresh = CLIP(replace(model.cfg, mlp_act="quick_gelu"))
-    fresh.load_state_dict(model.state_dict())
-    fp32 = CLIPInference(fresh, tokenizer, meta)
-    assert {m.act for m in fp32.model.modules() if isinstance(m, MLP)} == {"quick_gelu"}  # fp32 stays as trained
-    reference = fp32.embed_texts(TEXTS)
-    other = CLIP(replace(model.cfg, mlp_act="quick_gelu"))
-    other.load_state_dict(model.state_dict())
-    bf16 = CLIPInference(other, tokenizer, meta, precision="bf16")
-    assert {m.act for m in bf16.model.modules() if isinstance(m, MLP)} == {"silu"}
-    assert _cosines(bf16.embed_texts(TEXTS), reference).min() > 0.999
+    fp32 = CLIPInference(quick_gelu_copy(), tokenizer, meta)
+    assert acts(fp32.model) == {"quick_gelu"}  # fp32 stays as trained
+    bf16 = CLIPInference(quick_gelu_copy(), tokenizer, meta, precision="bf16")
+    assert acts(bf16.model) == {"silu"}
+    assert _cosines(bf16.embed_texts(TEXTS), fp32.embed_texts(TEXTS)).min() > 0.999
