@@ -261,8 +261,7 @@ def search(
         refine_params.base_index_params = graph_params
         return index.search(queries, k, params=refine_params)
     if kind == "ivfpq":
-        ivf_params = faiss.SearchParametersIVF()
-        ivf_params.nprobe = int(nprobe or params.get("nprobe", 32))
+        ivf_params = ivf_search_params(int(nprobe or params.get("nprobe", 32)))
         if tombstones is not None and tombstones.selector is not None:
             ivf_params.sel = tombstones.selector
         if not id_mapped(index):
@@ -277,6 +276,16 @@ def search(
     # process-wide: a concurrent reader may see the other's setting, which changes speed, not results.
     faiss.cvar.distance_compute_blas_threshold = 2 if len(queries) > 1 else 1 << 30
     return index.search(queries, k)
+
+
+def ivf_search_params(nprobe: int) -> faiss.SearchParametersIVF:
+    """nprobe lists, found through the centroid graph with a candidate list just wide enough for them."""
+    coarse = faiss.SearchParametersHNSW()  # a flat quantizer ignores it
+    coarse.efSearch = max(nprobe, QUANTIZER_EF_SEARCH)
+    ivf_params = faiss.SearchParametersIVF()
+    ivf_params.nprobe = nprobe
+    ivf_params.quantizer_params = coarse
+    return ivf_params
 
 
 def as_cosines(index: faiss.Index, result: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -346,6 +355,7 @@ class HalfPrecisionScan:
 IVFPQ_MIN_VECTORS = 1000
 QUANTIZER_M = 32  # the graph over the IVF centroids: its degree, and a candidate list wider than nprobe
 QUANTIZER_EF = 128  # (default 16) so the nearest lists are the ones found
+QUANTIZER_EF_SEARCH = 32  # its query-time candidate list, or nprobe when larger (docs/benchmarks.md)
 SQ_MIN_VECTORS = 1000  # the 8-bit quantizer learns each component's range from a sample
 REFINED = ("ivfpq", "hnswsq")  # kinds whose id map wraps an IndexRefine (selectors see internal positions)
 

@@ -115,8 +115,7 @@ def _graph_or_lists(
     refine_params.base_index_params = graph_params
     if stored.kind == "ivfpq":
         ivf = faiss.extract_index_ivf(inner.base_index)
-        ivf_params = faiss.SearchParametersIVF()
-        ivf_params.nprobe = _widened(int(nprobe or params.get("nprobe", 32)), share, int(ivf.nlist))
+        ivf_params = backends.ivf_search_params(_widened(int(nprobe or params.get("nprobe", 32)), share, int(ivf.nlist)))
         ivf_params.sel = chosen.selector
         refine_params.base_index_params = ivf_params
     scores, positions = backends.as_cosines(inner, inner.search(queries, k, params=refine_params))
@@ -129,8 +128,7 @@ def _codes_only(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Codes-only IVF-PQ holds external ids and no exact vectors: its lists, widened, over the allowed ids."""
     ivf = faiss.extract_index_ivf(index)
-    search_params = faiss.SearchParametersIVF()
-    search_params.nprobe = _widened(int(nprobe or params.get("nprobe", 32)), share, int(ivf.nlist))
+    search_params = backends.ivf_search_params(_widened(int(nprobe or params.get("nprobe", 32)), share, int(ivf.nlist)))
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
     search_params.sel = selector
     return backends.as_cosines(index, index.search(queries, k, params=search_params))

@@ -41,6 +41,23 @@ def test_lists_are_found_through_a_graph_over_the_centroids() -> None:
     assert (ids[:, 0] == np.arange(20)).all()
 
 
+def test_queries_find_the_nearest_lists_through_a_narrow_centroid_search() -> None:
+    """At query time the graph over the centroids searches max(nprobe, 32) candidates (128 when building):
+    the lists it returns are still the nprobe nearest, and every list comes back when nprobe asks for all."""
+    x = embedding_like(20000, dim=64)
+    index, _ = backends.new_index("ivfpq", 64, backends.IndexParams(), train=x)
+    ivf = faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    q = embedding_like(200, dim=64, seed=3)
+    for nprobe in (8, 24, ivf.nlist):
+        params = backends.ivf_search_params(nprobe)
+        assert params.nprobe == nprobe
+        _, found = ivf.quantizer.search(q, nprobe, params=params.quantizer_params)
+        nearest = np.argsort(((q[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)[:, :nprobe]
+        overlap = np.mean([len(set(a) & set(b)) / nprobe for a, b in zip(found, nearest)])
+        assert overlap >= (1.0 if nprobe == ivf.nlist else 0.99), (nprobe, overlap)
+
+
 def test_auto_picks_ivfpq_past_the_graph_limit_with_its_own_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
