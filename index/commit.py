@@ -100,8 +100,10 @@ def _reindexed(
     """A fresh index of type `target` over every kept vector plus the new ones, without tombstones or delta."""
     old_vecs, old_ids = _all_vectors(snapshot)
     keep = ~np.isin(old_ids, np.concatenate([snapshot.tombstones.ids, remove_ids]))
-    all_vecs = np.concatenate([old_vecs[keep], vectors])
-    all_ids = np.concatenate([old_ids[keep], ids])
+    if keep.any():
+        all_vecs, all_ids = np.concatenate([old_vecs[keep], vectors]), np.concatenate([old_ids[keep], ids])
+    else:  # a first add, or everything replaced: the new vectors as they are, not a copy of them
+        all_vecs, all_ids = vectors, ids
     index, resolved = backends.new_index(target, snapshot.manifest.dim, params, train=all_vecs)
     backends.add(index, all_vecs, all_ids)
     return index, resolved

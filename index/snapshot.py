@@ -76,7 +76,11 @@ class Snapshot:
 
 
 def normalise_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """Rows of `vectors` as unit float32 vectors, refusing a wrong shape or non-finite values."""
+    """Rows of `vectors` as unit float32 vectors, refusing a wrong shape or non-finite values.
+
+    At most one new array of the input's size: a float32 copy made here is scaled in place, and the
+    norms are taken a block of rows at a time (a million 512-d rows would otherwise cost 4 GB more).
+    """
     arr = np.asarray(vectors, dtype=np.float32)
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -84,8 +88,15 @@ def normalise_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
         raise IndexStoreError(f"expected vectors of shape (n, {dim}), got {tuple(np.shape(vectors))}")
     if not np.isfinite(arr).all():
         raise IndexStoreError("vectors contain NaN or infinite values")
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    return np.ascontiguousarray(arr / np.maximum(norms, 1e-12), dtype=np.float32)
+    norms = np.empty((len(arr), 1), np.float32)
+    for start in range(0, len(arr), _NORM_ROWS):
+        norms[start : start + _NORM_ROWS] = np.linalg.norm(arr[start : start + _NORM_ROWS], axis=1, keepdims=True)
+    converted = not isinstance(vectors, np.ndarray) or not np.may_share_memory(arr, vectors)
+    out = arr if converted and arr.flags.c_contiguous and arr.flags.writeable else np.empty(arr.shape, np.float32)
+    return np.divide(arr, np.maximum(norms, 1e-12), out=out)
+
+
+_NORM_ROWS = 4096  # rows whose squares numpy holds at once while taking norms
 
 
 def read_faiss(path: Path, mmap: bool) -> faiss.Index:
