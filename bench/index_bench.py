@@ -18,6 +18,8 @@ pixels: when the two rates are close, decoding is off the critical path.
     python bench/index_bench.py                                # 100k and 1M, all types, Flickr8k-1k
     python bench/index_bench.py --sizes 20000 --queries 200    # quick
     python bench/index_bench.py --data realistic --sizes 100000 --types hnsw --store faiss milvus --skip-e2e
+    python bench/index_bench.py --data realistic --float16 --mmap --sizes 10000000 --types ivfpq --skip-e2e
+        # 10M: the float16 cache added and scanned in chunks, the index timed as served (written, read back mapped)
 Results: a table on stdout and bench/results/index_bench.json.
 """
 
@@ -71,15 +73,69 @@ def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000, intrinsic: i
     return out
 
 
-def realistic_vectors(n: int, queries: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Real embeddings up to their count, vectors of the mixture fitted to them beyond; real held-out queries."""
+def realistic_vectors(n: int, queries: int, *, float16: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Real embeddings up to their count, vectors of the mixture fitted to them beyond; real held-out queries.
+
+    float16: the fitted set as its memory-mapped float16 cache (10M float32 vectors would not fit in memory).
+    """
     import realistic_vectors as rv
 
     real = np.load(rv.embed_real(rv.train_model(4.0, 2), 2)["real_base"]).astype(np.float32)
     xq = np.load(rv.CACHE / "real_queries.f16.npy")[:queries].astype(np.float32)
     if n <= len(real):
         return np.ascontiguousarray(real[:n]), xq, "real clipforge embeddings (CIFAR-10 x 3 views, Flickr8k-1k)"
-    return np.asarray(rv.fitted_vectors(n, real), dtype=np.float32), xq, "vectors of the mixture fitted to them"
+    fitted = rv.fitted_vectors(n, real)
+    return (fitted if float16 else np.asarray(fitted, dtype=np.float32)), xq, "vectors of the mixture fitted to them"
+
+
+CHUNK = 500_000  # vectors converted to float32 at a time when adding or scanning a float16 set
+
+
+def add_in_chunks(index: faiss.Index, xb: np.ndarray, ids: np.ndarray) -> None:
+    for start in range(0, len(xb), CHUNK):
+        backends.add(index, np.asarray(xb[start : start + CHUNK], dtype=np.float32), ids[start : start + CHUNK])
+
+
+def exact_top10(xb: np.ndarray, xq: np.ndarray) -> np.ndarray:
+    """Ids (positions) of the exact 10 nearest by inner product, scanning `xb` a chunk at a time."""
+    best_s = np.full((len(xq), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(xq), 0), np.int64)
+    for start in range(0, len(xb), CHUNK):
+        flat = faiss.IndexFlatIP(xb.shape[1])
+        flat.add(np.asarray(xb[start : start + CHUNK], dtype=np.float32))
+        scores, ids = flat.search(xq, 10)
+        best_s, best_i = np.hstack([best_s, scores]), np.hstack([best_i, ids + start])
+        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :10]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return best_i
+
+
+def anon_rss_mb() -> float:
+    """Anonymous resident MiB (heap): a mapped file's pages, which the kernel may drop, are not in it."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("RssAnon:"))
+
+
+def mapped_rss_mb(path: Path) -> float:
+    """Resident MiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0.0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line: range, perms, offset, dev, inode[, path]
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) / 1024
+    return total
+
+
+def reopened_mapped(index: faiss.Index, path: Path) -> tuple[faiss.Index, float]:
+    """`index` written to `path` and read back memory-mapped, as `ImageIndex.open(mmap=True)` reads it."""
+    from index.snapshot import read_faiss
+
+    t0 = time.perf_counter()
+    faiss.write_index(index, str(path))
+    return read_faiss(path, mmap=True), time.perf_counter() - t0
 
 
 def percentiles(times: list[float]) -> tuple[float, float]:
@@ -115,7 +171,7 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
     rows: list[dict] = []
     for n in args.sizes:
         if args.data == "realistic":
-            xb, xq, kind_of_data = realistic_vectors(n, args.queries)
+            xb, xq, kind_of_data = realistic_vectors(n, args.queries, float16=args.float16)
             print(f"\n== {n:,} x {xb.shape[1]} {kind_of_data} ==", flush=True)
         else:
             kind_of_data = f"near a {args.intrinsic_dim}-d subspace" if args.intrinsic_dim else "isotropic"
@@ -131,25 +187,32 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
             )
             gc.collect()
             faiss.omp_set_num_threads(args.build_threads or os.cpu_count() or 1)
-            before = rss_mb()
+            before, anon_before = rss_mb(), anon_rss_mb()
             t0 = time.perf_counter()
             index, resolved = backends.new_index(kind, args.dim, params, train=xb if kind in backends.REFINED else None)
             train_s = time.perf_counter() - t0
-            backends.add(index, xb, ids)
+            add_in_chunks(index, xb, ids)
             build_s = time.perf_counter() - t0
-            mem = rss_mb() - before
+            mem, anon_mem = rss_mb() - before, anon_rss_mb() - anon_before  # a mapped float16 set's pages count in the first
             size_mb = faiss.serialize_index(index).nbytes / 2**20 if n <= 200_000 else float("nan")
             if truth is None:
-                exact = index if kind == "flat" else backends.new_index("flat", args.dim, params)[0]
-                if kind != "flat":
-                    backends.add(exact, xb, ids)
-                truth = backends.search(exact, "flat", xq, 10, {}, None)[1]
-                del exact
+                truth = exact_top10(xb, xq)
+            mapped = None
+            if args.mmap and kind != "flat":
+                index_file = Path(args.work_dir).resolve() / f"index_bench_{kind}_{n}.faiss"
+                index, write_s = reopened_mapped(index, index_file)  # the in-memory copy is freed here
+                mapped = {"write_s": round(write_s, 1), "file_mib": round(index_file.stat().st_size / 2**20, 1),
+                          "anon_mib_opened": round(anon_rss_mb() - anon_before, 1),
+                          "file_mib_resident_opened": round(mapped_rss_mb(index_file), 1)}
+                print(f"{kind}: written in {write_s:.1f}s ({mapped['file_mib']:.0f} MiB), read back mapped: "
+                      f"+{mapped['anon_mib_opened']:.0f} MiB anonymous, {mapped['file_mib_resident_opened']:.0f} "
+                      f"MiB of the file resident", flush=True)
             faiss.omp_set_num_threads(args.threads or os.cpu_count() or 1)
             knob_name = {"hnsw": "ef_search", "hnswsq": "ef_search", "ivfpq": "nprobe"}.get(kind)
             settings = {"hnsw": args.ef_search, "hnswsq": args.ef_search, "ivfpq": args.nprobe}.get(kind, [None])
             factors = args.refine if kind in backends.REFINED else [None]
-            print(f"{kind}: built in {build_s:.1f}s (train {train_s:.1f}s), +{mem:.0f} MiB RSS", flush=True)
+            print(f"{kind}: built in {build_s:.1f}s (train {train_s:.1f}s), +{mem:.0f} MiB RSS "
+                  f"(+{anon_mem:.0f} MiB anonymous)", flush=True)
             half = None
             if kind == "flat":  # the ImageIndex's single-query path: float16 scan, float32 re-score
                 before_half = rss_mb()
@@ -172,17 +235,25 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                 p50_64, p99_64 = time_queries(index, kind, query_params, xq, 64, args.batch_runs, **knobs)
                 row = {
                     "n": n, "dim": args.dim, "store": "faiss", "intrinsic_dim": args.intrinsic_dim, "type": kind, "build_s": round(build_s, 2), "train_s": round(train_s, 2),
-                    "rss_mib": round(mem, 1), "index_mib": round(size_mb, 1), "knob": knob, "value": value,
+                    "rss_mib": round(mem, 1), "anon_mib": round(anon_mem, 1), "index_mib": round(size_mb, 1),
+                    "knob": knob, "value": value,
                     "refine_k_factor": factor,
                     "recall@10": round(rec, 4), "p50_ms_b1": round(p50_1, 3), "p99_ms_b1": round(p99_1, 3),
                     "p50_ms_b64": round(p50_64, 3), "p99_ms_b64": round(p99_64, 3),
                     "params": {k: v for k, v in resolved.items() if k in ("hnsw_m", "ef_construction", "nlist", "pq_m", "pq_nbits")},
                 }
+                if mapped is not None:
+                    row["mapped"] = {**mapped, "anon_mib": round(anon_rss_mb() - anon_before, 1),
+                                     "file_mib_resident": round(mapped_rss_mb(index_file), 1)}
                 rows.append(row)
+                resident = (f"   resident +{row['mapped']['anon_mib']:.0f} MiB anonymous, "
+                            f"{row['mapped']['file_mib_resident']:.0f} MiB mapped") if mapped is not None else ""
                 print(f"  {label:24s} recall@10 {rec:.3f}  batch1 p50 {p50_1:8.3f} ms p99 {p99_1:8.3f} ms   "
-                      f"batch64 p50 {p50_64:8.2f} ms p99 {p99_64:8.2f} ms", flush=True)
+                      f"batch64 p50 {p50_64:8.2f} ms p99 {p99_64:8.2f} ms{resident}", flush=True)
             save(rows)
             del index, half
+            if mapped is not None:
+                index_file.unlink()
         if "milvus" in args.store:
             if truth is None:
                 exact = backends.new_index("flat", xb.shape[1], backends.IndexParams())[0]
@@ -372,6 +443,11 @@ def main() -> int:
                         help="index stores to measure on the vectors (milvus needs clipforge[milvus])")
     parser.add_argument("--milvus", help="milvus://HOST:PORT to measure (default: a milvus-lite server started here)")
     parser.add_argument("--milvus-batch", type=int, default=5000, help="vectors per add through the Milvus store")
+    parser.add_argument("--float16", action="store_true",
+                        help="realistic: keep the fitted set as its mapped float16 cache (added and scanned in chunks)")
+    parser.add_argument("--mmap", action="store_true",
+                        help="time the approximate types written to --work-dir and read back memory-mapped, as served")
+    parser.add_argument("--work-dir", default=tempfile.gettempdir(), help="where --mmap writes the index")
     parser.add_argument("--skip-vectors", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_bench.json"))
