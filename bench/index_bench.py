@@ -256,10 +256,7 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                 index_file.unlink()
         if "milvus" in args.store:
             if truth is None:
-                exact = backends.new_index("flat", xb.shape[1], backends.IndexParams())[0]
-                backends.add(exact, xb, ids)
-                truth = backends.search(exact, "flat", xq, 10, {}, None)[1]
-                del exact
+                truth = exact_top10(xb, xq)
             rows += bench_milvus(args, xb, xq, truth)
             save(rows)
         del xb
