@@ -25,6 +25,7 @@ All score L2-normalised vectors by cosine similarity.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -242,9 +243,13 @@ class Tombstones:
 def search(
     index: faiss.Index, kind: str, queries: np.ndarray, k: int, params: dict[str, Any],
     tombstones: Tombstones | None = None, ef_search: int | None = None, nprobe: int | None = None,
-    half_scan: HalfPrecisionScan | None = None,
+    half_scan: HalfPrecisionScan | None = None, prefetch: Callable[[np.ndarray, int, Any], int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids), each (n, k); missing results have id -1. Query-time knobs never mutate the index."""
+    """(scores, ids), each (n, k); missing results have id -1. Query-time knobs never mutate the index.
+
+    prefetch: for a mapped re-ranked index, called with the queries, the candidate count and the
+    coarse search's parameters before the search, to read the candidates' rows in parallel.
+    """
     if kind == "hnsw":
         hnsw_params = faiss.SearchParametersHNSW()
         hnsw_params.efSearch = max(int(ef_search or params.get("ef_search", 128)), k)
@@ -259,9 +264,14 @@ def search(
         refine_params = faiss.IndexRefineSearchParameters()
         refine_params.k_factor = float(params.get("refine_k_factor") or 4)
         refine_params.base_index_params = graph_params
+        if prefetch is not None:
+            hint_params = faiss.SearchParametersHNSW()
+            hint_params.efSearch = graph_params.efSearch
+            prefetch(queries, int(k * refine_params.k_factor), hint_params)
         return index.search(queries, k, params=refine_params)
     if kind == "ivfpq":
-        ivf_params = ivf_search_params(int(nprobe or params.get("nprobe", 32)))
+        nprobe = int(nprobe or params.get("nprobe", 32))
+        ivf_params = ivf_search_params(nprobe)
         if tombstones is not None and tombstones.selector is not None:
             ivf_params.sel = tombstones.selector
         if not id_mapped(index):
@@ -269,6 +279,8 @@ def search(
         refine_params = faiss.IndexRefineSearchParameters()
         refine_params.k_factor = float(params.get("refine_k_factor") or 4)
         refine_params.base_index_params = ivf_params
+        if prefetch is not None:  # without the tombstones: a few extra rows read, no search changed
+            prefetch(queries, int(k * refine_params.k_factor), ivf_search_params(nprobe))
         return as_cosines(index, index.search(queries, k, params=refine_params))
     if half_scan is not None and len(queries) == 1:
         return half_scan.search(queries, k)

@@ -17,6 +17,7 @@ from .files import removal_targets
 from .filter_columns import FilterColumns
 from .filtered import StoredVectors, search_filtered
 from .manifest import Manifest
+from .mapped_pages import RowPrefetch, release_touched_pages
 from .metadata import ImageRecord, MetadataReader
 from .search_filter import SearchFilter
 from .segments import DELTA_FILE, delta_kind, merge_top
@@ -39,6 +40,7 @@ class Snapshot:
     delta: faiss.Index | None = None  # the delta segment (segments.py): recent additions beside `index`
     delta_tombstones: Tombstones | None = None
     delta_stored: StoredVectors | None = None
+    prefetch: RowPrefetch | None = None  # a mapped re-ranked main index's candidate rows, read ahead
 
     @property
     def delta_kind(self) -> str:
@@ -64,15 +66,17 @@ class Snapshot:
         kind = manifest.index_type
         tombstones = Tombstones(tombstone_ids, index, kind)
         if same_main_as is not None and same_main_as.index is index:
-            half_scan, stored = same_main_as.half_scan, same_main_as.stored
+            half_scan, stored, prefetch = same_main_as.half_scan, same_main_as.stored, same_main_as.prefetch
         else:
             half_scan, stored = backends.HalfPrecisionScan.for_index(index, kind, mmap), StoredVectors(index, kind)
+            prefetch = RowPrefetch.for_index(index, refined=kind in backends.REFINED and backends.id_mapped(index),
+                                             mapped=mmap)
         delta_parts: tuple = (None, None, None)
         if delta is not None and delta.ntotal:
             dkind = delta_kind(kind)
             delta_parts = (delta, Tombstones(tombstone_ids, delta, dkind), StoredVectors(delta, dkind))
         return cls(generation, manifest, index, db, tombstones, mmap, half_scan, stored, columns or FilterColumns(db),
-                   *delta_parts)
+                   *delta_parts, prefetch=prefetch)
 
 
 def normalise_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -103,9 +107,12 @@ def read_faiss(path: Path, mmap: bool) -> faiss.Index:
     # Full-size vector storage (flat, HNSW storage, IVF-PQ float16 re-rank copies) is mapped; PQ codes are read.
     flags = (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if mmap else 0
     try:
-        return faiss.read_index(str(path), flags)
+        index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise IndexStoreError(f"cannot read FAISS index {path}: {str(exc).splitlines()[0]}") from exc
+    if mmap:
+        release_touched_pages(path)
+    return index
 
 
 def load_snapshot(directory: Path, mmap: bool) -> Snapshot:
@@ -164,7 +171,7 @@ def search_snapshot(
         k_searched = int(min(k, snapshot.index.ntotal))
         scores, ids = backends.search(
             snapshot.index, m.index_type, queries, k_searched, m.params, snapshot.tombstones, ef_search, nprobe,
-            snapshot.half_scan,
+            snapshot.half_scan, snapshot.prefetch,
         )
         if snapshot.delta is not None:
             recent = backends.search(
