@@ -252,7 +252,11 @@ def bench_vectors(args: argparse.Namespace, save: Callable[[list[dict]], None]) 
                       f"batch64 p50 {p50_64:8.2f} ms p99 {p99_64:8.2f} ms{resident}", flush=True)
             save(rows)
             del index, half
-            if mapped is not None:
+            if mapped is not None and args.keep_index:  # for bench/mapped_serving.py, in a fresh process
+                np.save(index_file.with_suffix(".queries.npy"), np.asarray(xq, np.float32))
+                np.save(index_file.with_suffix(".truth.npy"), truth)
+                print(f"kept {index_file} with its queries and true top 10", flush=True)
+            elif mapped is not None:
                 index_file.unlink()
         if "milvus" in args.store:
             if truth is None:
@@ -444,6 +448,8 @@ def main() -> int:
                         help="realistic: keep the fitted set as its mapped float16 cache (added and scanned in chunks)")
     parser.add_argument("--mmap", action="store_true",
                         help="time the approximate types written to --work-dir and read back memory-mapped, as served")
+    parser.add_argument("--keep-index", action="store_true",
+                        help="with --mmap: keep each written index, its queries and their true top 10 in --work-dir")
     parser.add_argument("--work-dir", default=tempfile.gettempdir(), help="where --mmap writes the index")
     parser.add_argument("--skip-vectors", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
