@@ -75,7 +75,7 @@ def load_service(state: ServiceState) -> None:
         # location file naming a Milvus collection that every replica shares (index/locations.py)
         from index.locations import open_index
 
-        state.index = open_index(settings.index, model_id=state.clip.model_id, mmap=False)
+        state.index = open_index(settings.index, model_id=state.clip.model_id, mmap=settings.index_mmap)
         _tune_faiss(settings)
         state.metrics.index_size.set(len(state.index))
         log.info("index opened", extra={"index": str(settings.index), "size": len(state.index)})

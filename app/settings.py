@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="most items per forward pass")
     max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="longest a request waits for a batch to fill")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings kept in the LRU cache (0 turns it off)")
+    index_mmap: bool = Field(
+        False, description="memory-map the FAISS index instead of reading it in: for an index larger than the "
+        "memory the service may use (its float16 rows stay on disk, read as queries need them)",
+    )
     index_reload_s: float = Field(
         5.0, ge=0.0, description="how often to pick up index changes made by other processes (0: never)"
     )

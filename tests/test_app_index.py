@@ -306,3 +306,13 @@ def test_picks_up_images_added_by_another_process(tiny_checkpoint: Path, index_d
         assert c.get("/info").json()["index"]["size"] == 13
         hits = c.get("/search", params={"q": "an extra red square", "k": 13}).json()["results"]
         assert any(h["path"] == "images/extra.png" for h in hits)
+
+
+def test_a_service_set_to_map_its_index_answers_as_one_that_reads_it(tiny_checkpoint: Path, index_dir: Path) -> None:
+    queries = [{"q": "a red square", "k": 5}, {"q": "a blue circle", "k": 12}]
+    answers = []
+    for mmap in (False, True):
+        with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, index=index_dir, index_mmap=mmap))) as c:
+            assert c.app.state.service.index._mmap is mmap
+            answers.append([c.get("/search", params=q).json()["results"] for q in queries])
+    assert answers[0] == answers[1] and all(len(r) == q["k"] for r, q in zip(answers[1], queries))
