@@ -61,7 +61,7 @@ class RowPrefetch:
     """Reads the float16 rows a mapped, re-ranked query will score all at once, before it scores them.
 
     FAISS's re-ranking touches its ~80 candidate rows one after another, so on a cold page cache
-    a query waits for 80 disk reads in turn (4.5 ms at 10M here, docs/benchmarks.md). Finding the
+    a query waits for 80 disk reads in turn (4.7 ms p50 at 10M here, docs/benchmarks.md). Finding the
     candidates first with the index's own coarse search and asking for their pages with
     MADV_WILLNEED lets the disk serve them in parallel; the search that follows is unchanged,
     so a wrong or late hint costs time, never a result.

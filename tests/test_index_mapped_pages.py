@@ -147,3 +147,17 @@ def test_an_image_index_opened_mapped_reads_ahead_and_finds_the_same(tmp_path):
     mapped = ImageIndex.open(tmp_path / "idx", mmap=True)
     assert mapped._state.prefetch is not None and ImageIndex.open(tmp_path / "idx")._state.prefetch is None
     assert mapped.search_by_vector(vecs[:30], k=10) == idx.search_by_vector(vecs[:30], k=10)
+
+
+def test_a_mapped_hnswsq_index_reads_ahead_too_and_answers_as_without(tmp_path):
+    vectors = clustered(3000, 64, seed=5)
+    index, resolved = backends.new_index("hnswsq", 64, backends.parse_params({"refine_k_factor": 4}), vectors)
+    backends.add(index, vectors, np.arange(3000, dtype=np.int64) * 2)
+    path = tmp_path / "hnswsq.faiss"
+    faiss.write_index(index, str(path))
+    mapped, in_memory = read_faiss(path, mmap=True), read_faiss(path, mmap=False)
+    prefetch = RowPrefetch.for_index(mapped, refined=True, mapped=True)
+    assert prefetch is not None and prefetch.row_bytes == 64 * 2
+    hinted = backends.search(mapped, "hnswsq", vectors[:40], 10, resolved, None, prefetch=prefetch)
+    plain = backends.search(in_memory, "hnswsq", vectors[:40], 10, resolved, None)
+    assert np.array_equal(hinted[1], plain[1]) and (hinted[1][:, 0] == np.arange(40) * 2).mean() > 0.9
