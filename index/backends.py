@@ -171,6 +171,17 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
     raise IndexStoreError(f"unknown index type {kind!r}")
 
 
+def tune_for_queries(index: faiss.Index) -> faiss.Index:
+    """Query-time settings FAISS does not keep in the file: the fast-scan kernel that answers one
+    query 11% sooner at 1M than FAISS's own pick, with the same ids (docs/benchmarks.md)."""
+    part = faiss.downcast_index(index)
+    while isinstance(part, (faiss.IndexIDMap, faiss.IndexRefine)):
+        part = faiss.downcast_index(part.index if isinstance(part, faiss.IndexIDMap) else part.base_index)
+    if isinstance(part, faiss.IndexIVFFastScan):
+        part.implem = FAST_SCAN_IMPLEM
+    return index
+
+
 def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
@@ -235,9 +246,31 @@ class Tombstones:
             hidden = np.flatnonzero(np.isin(stored_ids(index, kind), self.ids)).astype(np.int64)
         self._batch = faiss.IDSelectorBatch(hidden) if len(hidden) else None
         self.selector = faiss.IDSelectorNot(self._batch) if self._batch is not None else None
+        self._params: dict[tuple, faiss.SearchParameters] = {}
+
+    def search_params(
+        self, key: tuple, make: Callable[[faiss.IDSelector | None], faiss.SearchParameters],
+    ) -> faiss.SearchParameters:
+        """The search parameters for one knob setting with this selector, made once and shared.
+
+        Building them anew took about a tenth of a 1M query's time (docs/benchmarks.md). Concurrent
+        searches may share them only where FAISS just reads them: never with a selector on the
+        parameters an id map is given (IndexIDMap swaps it for a translated one during the search).
+        They live as long as these tombstones (the selector they point to), bounded against arbitrary knobs.
+        """
+        found = self._params.get(key)
+        if found is None:
+            if len(self._params) >= _PARAMS_KEPT:
+                self._params.clear()
+            found = self._params[key] = make(self.selector)
+        return found
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+_PARAMS_KEPT = 64  # knob settings whose parameter objects one set of tombstones keeps
+_NO_TOMBSTONES = Tombstones(np.empty(0, dtype=np.int64))
 
 
 def search(
@@ -250,44 +283,53 @@ def search(
     prefetch: for a mapped re-ranked index, called with the queries, the candidate count and the
     coarse search's parameters before the search, to read the candidates' rows in parallel.
     """
-    if kind == "hnsw":
-        hnsw_params = faiss.SearchParametersHNSW()
-        hnsw_params.efSearch = max(int(ef_search or params.get("ef_search", 128)), k)
-        if tombstones is not None and tombstones.selector is not None:
-            hnsw_params.sel = tombstones.selector
-        return index.search(queries, k, params=hnsw_params)
-    if kind == "hnswsq":
-        graph_params = faiss.SearchParametersHNSW()
-        graph_params.efSearch = max(int(ef_search or params.get("ef_search", 128)), k)
-        if tombstones is not None and tombstones.selector is not None:
-            graph_params.sel = tombstones.selector
-        refine_params = faiss.IndexRefineSearchParameters()
-        refine_params.k_factor = float(params.get("refine_k_factor") or 4)
-        refine_params.base_index_params = graph_params
+    marks = tombstones if tombstones is not None else _NO_TOMBSTONES
+    if kind in ("hnsw", "hnswsq"):
+        ef = max(int(ef_search or params.get("ef_search", 128)), k)
+        if kind == "hnsw":  # made per search: the id map swaps a selector on its own parameters while it searches
+            return index.search(queries, k, params=_hnsw_params(ef, marks.selector))
+        k_factor = float(params.get("refine_k_factor") or 4)
         if prefetch is not None:
-            hint_params = faiss.SearchParametersHNSW()
-            hint_params.efSearch = graph_params.efSearch
-            prefetch(queries, int(k * refine_params.k_factor), hint_params)
-        return index.search(queries, k, params=refine_params)
+            prefetch(queries, int(k * k_factor), _NO_TOMBSTONES.search_params(("hnsw", ef), lambda sel: _hnsw_params(ef, sel)))
+        refined = marks.search_params(("hnswsq", ef, k_factor), lambda sel: _refined_params(_hnsw_params(ef, sel), k_factor))
+        return index.search(queries, k, params=refined)
     if kind == "ivfpq":
         nprobe = int(nprobe or params.get("nprobe", 32))
-        ivf_params = ivf_search_params(nprobe)
-        if tombstones is not None and tombstones.selector is not None:
-            ivf_params.sel = tombstones.selector
         if not id_mapped(index):
-            return as_cosines(index, index.search(queries, k, params=ivf_params))
-        refine_params = faiss.IndexRefineSearchParameters()
-        refine_params.k_factor = float(params.get("refine_k_factor") or 4)
-        refine_params.base_index_params = ivf_params
+            codes_only = marks.search_params(("ivf", nprobe), lambda sel: _with_selector(ivf_search_params(nprobe), sel))
+            return as_cosines(index, index.search(queries, k, params=codes_only))
+        k_factor = float(params.get("refine_k_factor") or 4)
         if prefetch is not None:  # without the tombstones: a few extra rows read, no search changed
-            prefetch(queries, int(k * refine_params.k_factor), ivf_search_params(nprobe))
-        return as_cosines(index, index.search(queries, k, params=refine_params))
+            prefetch(queries, int(k * k_factor), _NO_TOMBSTONES.search_params(("ivf", nprobe), lambda _: ivf_search_params(nprobe)))
+        refined = marks.search_params(
+            ("ivfpq", nprobe, k_factor), lambda sel: _refined_params(_with_selector(ivf_search_params(nprobe), sel), k_factor),
+        )
+        return as_cosines(index, index.search(queries, k, params=refined))
     if half_scan is not None and len(queries) == 1:
         return half_scan.search(queries, k)
     # The per-query scan wins for one query, BLAS from two (docs/benchmarks.md). The threshold is
     # process-wide: a concurrent reader may see the other's setting, which changes speed, not results.
     faiss.cvar.distance_compute_blas_threshold = 2 if len(queries) > 1 else 1 << 30
     return index.search(queries, k)
+
+
+def _with_selector(search_params: faiss.SearchParameters, selector: faiss.IDSelector | None) -> faiss.SearchParameters:
+    if selector is not None:
+        search_params.sel = selector
+    return search_params
+
+
+def _hnsw_params(ef: int, selector: faiss.IDSelector | None) -> faiss.SearchParametersHNSW:
+    out = faiss.SearchParametersHNSW()
+    out.efSearch = ef
+    return _with_selector(out, selector)
+
+
+def _refined_params(base: faiss.SearchParameters, k_factor: float) -> faiss.IndexRefineSearchParameters:
+    out = faiss.IndexRefineSearchParameters()
+    out.k_factor = k_factor
+    out.base_index_params = base
+    return out
 
 
 def ivf_search_params(nprobe: int) -> faiss.SearchParametersIVF:
@@ -301,10 +343,17 @@ def ivf_search_params(nprobe: int) -> faiss.SearchParametersIVF:
 
 
 def as_cosines(index: faiss.Index, result: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) as cosine similarities: an L2 index's squared distances d between unit vectors are 1 - d/2."""
+    """(scores, ids) as cosine similarities: an L2 index's squared distances d between unit vectors are 1 - d/2.
+
+    The scores are converted in place: `result` is a search's own fresh output.
+    """
     scores, ids = result
     if index.metric_type == faiss.METRIC_L2:
-        scores = np.where(ids >= 0, 1.0 - scores / 2.0, -np.inf).astype(np.float32)
+        scores *= -0.5
+        scores += 1.0
+        missing = ids < 0
+        if missing.any():
+            scores[missing] = -np.inf
     return scores, ids
 
 
@@ -368,6 +417,7 @@ IVFPQ_MIN_VECTORS = 1000
 QUANTIZER_M = 32  # the graph over the IVF centroids: its degree, and a candidate list wider than nprobe
 QUANTIZER_EF = 128  # (default 16) so the nearest lists are the ones found
 QUANTIZER_EF_SEARCH = 32  # its query-time candidate list, or nprobe when larger (docs/benchmarks.md)
+FAST_SCAN_IMPLEM = 11  # IndexIVFFastScan's kernel choice for searches (tune_for_queries)
 SQ_MIN_VECTORS = 1000  # the 8-bit quantizer learns each component's range from a sample
 REFINED = ("ivfpq", "hnswsq")  # kinds whose id map wraps an IndexRefine (selectors see internal positions)
 

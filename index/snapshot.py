@@ -64,6 +64,7 @@ class Snapshot:
         columns: the filter columns when the writer derived them (else loaded on first use).
         """
         kind = manifest.index_type
+        backends.tune_for_queries(index)
         tombstones = Tombstones(tombstone_ids, index, kind)
         if same_main_as is not None and same_main_as.index is index:
             half_scan, stored, prefetch = same_main_as.half_scan, same_main_as.stored, same_main_as.prefetch
@@ -179,15 +180,15 @@ def search_snapshot(
                 snapshot.delta_tombstones, ef_search, nprobe,
             )
             scores, ids = merge_top((scores, ids), recent, int(k))
-    records = snapshot.db.get_many([int(i) for i in np.unique(ids) if i >= 0])
+    fields = snapshot.db.result_fields([i for i in ids.ravel().tolist() if i >= 0])
     out: list[list[SearchResult]] = []
-    for row_scores, row_ids in zip(scores, ids):
+    for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
         hits = []
         for score, image_id in zip(row_scores, row_ids):
-            rec = records.get(int(image_id))
-            if rec is None or (min_score is not None and score < min_score):
+            found = fields.get(image_id)
+            if found is None or (min_score is not None and score < min_score):
                 continue
-            hits.append(SearchResult(rec.id, float(score), rec.path, rec.caption, rec.width, rec.height))
+            hits.append(SearchResult(image_id, score, *found))
         out.append(hits[:k])
     return out
 

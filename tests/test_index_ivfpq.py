@@ -125,3 +125,70 @@ def test_refined_indexes_keep_no_reverse_id_map_and_older_files_still_work(
         reopened = remove_top_hits_and_reopen(idx, q, hits, mmap=False)
         assert reopened.verify() == {"count": 5995, "faiss_ntotal": 6000, "tombstones": 5}
         reopened.close()
+
+
+def _tombstoned_ivfpq(n: int = 20000, dim: int = 64) -> tuple[faiss.Index, dict, np.ndarray, np.ndarray, np.ndarray]:
+    """A re-ranked ivfpq index with spaced ids, a quarter of them removed (tombstones), and queries."""
+    x = embedding_like(n, dim=dim)
+    index, resolved = backends.new_index("ivfpq", dim, backends.IndexParams(), train=x)
+    ids = np.arange(n, dtype=np.int64) * 3 + 7
+    backends.add(index, x, ids)
+    dead = ids[np.random.default_rng(1).choice(n, n // 4, replace=False)]
+    return index, resolved, ids, dead, embedding_like(200, dim=dim, seed=5)
+
+
+def test_the_fast_scan_kernel_chosen_for_queries_answers_as_well_and_hides_removed_ids() -> None:
+    """Its candidates differ from FAISS's own kernel's only where quantised distances tie at the
+    cut, so the re-ranked answers agree almost everywhere and are as close to exact search."""
+    index, resolved, ids, dead, q = _tombstoned_ivfpq()
+    x, live = embedding_like(20000, dim=64), ~np.isin(ids, dead)
+    truth = exact_top(x[live], q, 10, ids[live])
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    tombstones = backends.Tombstones(dead, index, "ivfpq")
+
+    def answers() -> np.ndarray:
+        return np.concatenate([
+            backends.search(index, "ivfpq", q[i : i + 1], 10, resolved, tombstones, nprobe=16)[1] for i in range(len(q))
+        ])
+
+    ivf.implem = 0  # FAISS's own choice
+    before = answers()
+    assert backends.tune_for_queries(index) is index and ivf.implem == backends.FAST_SCAN_IMPLEM != 0
+    after = answers()
+    assert not np.isin(after, dead).any()
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(after, before)]) >= 0.99
+
+    def share_found(found: np.ndarray) -> float:
+        return float(np.mean([len(set(row.tolist()) & t) / 10 for row, t in zip(found, truth)]))
+
+    assert share_found(after) >= share_found(before) - 0.005 and share_found(after) >= 0.9
+
+
+def test_search_parameters_are_made_once_per_setting_shared_across_threads_and_bounded() -> None:
+    """One parameter object per knob setting and tombstone set, read by concurrent searches at once,
+    which answer as they do one after another; arbitrary knob values cannot grow the cache without end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index, resolved, _, dead, q = _tombstoned_ivfpq()
+    tombstones = backends.Tombstones(dead, index, "ivfpq")
+    settings = (8, 16, 24)
+    expected = {p: backends.search(index, "ivfpq", q, 10, resolved, tombstones, nprobe=p)[1] for p in settings}
+    cached = dict(tombstones._params)
+    assert len(cached) == len(settings)
+    backends.search(index, "ivfpq", q[:1], 10, resolved, tombstones, nprobe=16)
+    assert tombstones._params == cached  # the same objects again, none made anew
+
+    def one(job: int) -> bool:
+        p, row = settings[job % 3], job % len(q)
+        _, ids = backends.search(index, "ivfpq", q[row : row + 1], 10, resolved, tombstones, nprobe=p)
+        return bool((ids[0] == expected[p][row]).all()) and not np.isin(ids, dead).any()
+
+    faiss.omp_set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(one, range(2000)))
+    finally:
+        faiss.omp_set_num_threads(2)
+    for p in range(1, 200):
+        backends.search(index, "ivfpq", q[:1], 10, resolved, tombstones, nprobe=p)
+    assert 0 < len(tombstones._params) <= backends._PARAMS_KEPT
