@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .limits import ServingLimits

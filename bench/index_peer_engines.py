@@ -44,7 +44,7 @@ def _reply(obj: dict) -> None:
     sys.stdout.flush()
 
 
-IVF_NPROBES = (4, 8, 12, 16, 24, 32, 48, 64)  # clipforge's ivfpq knob (its default nprobe is 32)
+IVF_NPROBES = (4, 8, 12, 14, 16, 20, 24, 32, 48, 64)  # clipforge's ivfpq knob (its default nprobe is 24)
 
 
 class ClipforgeEngine:

@@ -173,7 +173,7 @@ def new_index(kind: str, dim: int, params: IndexParams, train: np.ndarray | None
 
 def tune_for_queries(index: faiss.Index) -> faiss.Index:
     """Query-time settings FAISS does not keep in the file: the fast-scan kernel that answers one
-    query 11% sooner at 1M than FAISS's own pick, with the same ids (docs/benchmarks.md)."""
+    query sooner than FAISS's own pick, as accurately (docs/benchmarks.md, "The search path trimmed")."""
     part = faiss.downcast_index(index)
     while isinstance(part, (faiss.IndexIDMap, faiss.IndexRefine)):
         part = faiss.downcast_index(part.index if isinstance(part, faiss.IndexIDMap) else part.base_index)
@@ -253,7 +253,7 @@ class Tombstones:
     ) -> faiss.SearchParameters:
         """The search parameters for one knob setting with this selector, made once and shared.
 
-        Building them anew took about a tenth of a 1M query's time (docs/benchmarks.md). Concurrent
+        Building them for every search was a measurable share of a 1M query (docs/benchmarks.md). Concurrent
         searches may share them only where FAISS just reads them: never with a selector on the
         parameters an id map is given (IndexIDMap swaps it for a translated one during the search).
         They live as long as these tombstones (the selector they point to), bounded against arbitrary knobs.

@@ -73,8 +73,8 @@ class MetadataReader:
         return {r[0]: ImageRecord(*r) for r in self._rows_where_in(_COLUMNS, "id", (int(i) for i in ids))}
 
     def result_fields(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None, int, int]]:
-        """(path, caption, width, height) by id: what a search hit shows, read without building records
-        (a tenth of a 1M query's time went to the records; docs/benchmarks.md)."""
+        """(path, caption, width, height) by id: what a search hit shows, without the hash, the time
+        and a record object per row (half the lookup's time at 1M; docs/benchmarks.md)."""
         return {r[0]: r[1:] for r in self._rows_where_in("id, path, caption, width, height", "id", ids)}
 
     def ids_by_hash(self, hashes: Sequence[str]) -> dict[str, int]:

@@ -14,7 +14,6 @@ from torch import nn
 
 from .config import MLP_ACTIVATIONS
 
-
 # --------------------------------------------------------------------------- linear layers
 # oneDNN's fused post-op for each activation `linear` takes: (attr, scalars, algorithm)
 ONEDNN_ACTS: dict[str | None, tuple[str, list, str]] = {
