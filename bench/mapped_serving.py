@@ -99,7 +99,7 @@ def search_child(args: argparse.Namespace) -> dict:
            "anon_mib_opened": round(anon_rss_mb() - anon_before, 1),
            "file_mib_resident_opened": round(mapped_rss_mb(path), 1), "passes": []}
     params = {"refine_k_factor": args.refine}
-    prefetch = None if args.no_prefetch else RowPrefetch.for_index(index, refined=True, mapped=True)
+    prefetch = None if args.no_prefetch else RowPrefetch.for_index(index, mapped=True)
     out["prefetch"] = prefetch is not None
     stages = [("held-out", queries, truth)]
     if args.more_queries:

@@ -296,14 +296,12 @@ def search(
     if kind == "ivfpq":
         nprobe = int(nprobe or params.get("nprobe", 32))
         if not id_mapped(index):
-            codes_only = marks.search_params(("ivf", nprobe), lambda sel: _with_selector(ivf_search_params(nprobe), sel))
+            codes_only = marks.search_params(("ivf", nprobe), lambda sel: _ivf_params(nprobe, sel))
             return as_cosines(index, index.search(queries, k, params=codes_only))
         k_factor = float(params.get("refine_k_factor") or 4)
         if prefetch is not None:  # without the tombstones: a few extra rows read, no search changed
-            prefetch(queries, int(k * k_factor), _NO_TOMBSTONES.search_params(("ivf", nprobe), lambda _: ivf_search_params(nprobe)))
-        refined = marks.search_params(
-            ("ivfpq", nprobe, k_factor), lambda sel: _refined_params(_with_selector(ivf_search_params(nprobe), sel), k_factor),
-        )
+            prefetch(queries, int(k * k_factor), _NO_TOMBSTONES.search_params(("ivf", nprobe), lambda sel: _ivf_params(nprobe, sel)))
+        refined = marks.search_params(("ivfpq", nprobe, k_factor), lambda sel: _refined_params(_ivf_params(nprobe, sel), k_factor))
         return as_cosines(index, index.search(queries, k, params=refined))
     if half_scan is not None and len(queries) == 1:
         return half_scan.search(queries, k)
@@ -323,6 +321,10 @@ def _hnsw_params(ef: int, selector: faiss.IDSelector | None) -> faiss.SearchPara
     out = faiss.SearchParametersHNSW()
     out.efSearch = ef
     return _with_selector(out, selector)
+
+
+def _ivf_params(nprobe: int, selector: faiss.IDSelector | None) -> faiss.SearchParametersIVF:
+    return _with_selector(ivf_search_params(nprobe), selector)
 
 
 def _refined_params(base: faiss.SearchParameters, k_factor: float) -> faiss.IndexRefineSearchParameters:

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import sys
 from pathlib import Path
 
-_madvise = None
 
-
+@functools.cache
 def _libc_madvise():
-    global _madvise
-    if _madvise is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise.restype = ctypes.c_int
-        _madvise = libc.madvise
-    return _madvise
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise
 
 
 def shared_read_only_mappings(path: Path) -> list[tuple[int, int]]:
@@ -67,11 +64,7 @@ class RowPrefetch:
     so a wrong or late hint costs time, never a result.
     """
 
-    def __init__(self, index) -> None:
-        import faiss
-
-        refined = faiss.downcast_index(faiss.downcast_index(index).index)
-        storage = faiss.downcast_index(refined.refine_index)
+    def __init__(self, index, refined, storage) -> None:
         self._index = index  # keeps the mapping alive as long as the addresses are used
         self.base = refined.base_index
         self.row_bytes = int(storage.code_size)
@@ -80,22 +73,23 @@ class RowPrefetch:
         self.page = mmap.PAGESIZE
 
     @classmethod
-    def for_index(cls, index, *, refined: bool, mapped: bool) -> RowPrefetch | None:
-        """A prefetcher when `index` is an id-mapped IndexRefine whose rows lie in a file mapping, else None.
-
-        A writer's in-memory copy of a mapped index owns its rows: a hint would only cost a search.
+    def for_index(cls, index, *, mapped: bool) -> RowPrefetch | None:
+        """A prefetcher when `index` is an id map over an IndexRefine whose float16 rows lie in a file
+        mapping, else None. A writer's in-memory copy of a mapped index owns its rows: a hint would only
+        cost a search.
         """
-        if not (refined and mapped and sys.platform.startswith("linux") and hasattr(mmap, "MADV_WILLNEED")):
+        if not (mapped and sys.platform.startswith("linux") and hasattr(mmap, "MADV_WILLNEED")):
             return None
         import faiss
 
-        refined_index = faiss.downcast_index(faiss.downcast_index(index).index)
-        if not isinstance(refined_index, faiss.IndexRefine):
+        outer = faiss.downcast_index(index)
+        refined = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexIDMap) else None
+        if not isinstance(refined, faiss.IndexRefine):
             return None
-        storage = faiss.downcast_index(refined_index.refine_index)
+        storage = faiss.downcast_index(refined.refine_index)
         if not isinstance(storage, faiss.IndexScalarQuantizer) or storage.codes.is_owned:
             return None
-        return cls(index)
+        return cls(index, refined, storage)
 
     def __call__(self, queries, candidates: int, params) -> int:
         """Advise the pages of each query's `candidates` nearest rows by the coarse codes; how many ranges."""

@@ -64,14 +64,13 @@ class Snapshot:
         columns: the filter columns when the writer derived them (else loaded on first use).
         """
         kind = manifest.index_type
-        backends.tune_for_queries(index)
         tombstones = Tombstones(tombstone_ids, index, kind)
         if same_main_as is not None and same_main_as.index is index:
             half_scan, stored, prefetch = same_main_as.half_scan, same_main_as.stored, same_main_as.prefetch
         else:
+            backends.tune_for_queries(index)
             half_scan, stored = backends.HalfPrecisionScan.for_index(index, kind, mmap), StoredVectors(index, kind)
-            prefetch = RowPrefetch.for_index(index, refined=kind in backends.REFINED and backends.id_mapped(index),
-                                             mapped=mmap)
+            prefetch = RowPrefetch.for_index(index, mapped=mmap)
         delta_parts: tuple = (None, None, None)
         if delta is not None and delta.ntotal:
             dkind = delta_kind(kind)

@@ -183,12 +183,13 @@ def test_search_parameters_are_made_once_per_setting_shared_across_threads_and_b
         _, ids = backends.search(index, "ivfpq", q[row : row + 1], 10, resolved, tombstones, nprobe=p)
         return bool((ids[0] == expected[p][row]).all()) and not np.isin(ids, dead).any()
 
+    threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
         with ThreadPoolExecutor(4) as pool:
             assert all(pool.map(one, range(2000)))
     finally:
-        faiss.omp_set_num_threads(2)
+        faiss.omp_set_num_threads(threads)
     for p in range(1, 200):
         backends.search(index, "ivfpq", q[:1], 10, resolved, tombstones, nprobe=p)
     assert 0 < len(tombstones._params) <= backends._PARAMS_KEPT

@@ -99,7 +99,7 @@ def _mapped_ivfpq_file(tmp_path: Path, n: int = 6000, dim: int = 128) -> tuple[P
 def test_the_hint_brings_the_candidates_rows_into_the_page_cache(tmp_path):
     path, vectors = _mapped_ivfpq_file(tmp_path)
     index = read_faiss(path, mmap=True)
-    prefetch = RowPrefetch.for_index(index, refined=True, mapped=True)
+    prefetch = RowPrefetch.for_index(index, mapped=True)
     assert prefetch is not None and prefetch.row_bytes == 128 * 2 and prefetch.rows == 6000
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)  # dirty pages stay cached
@@ -124,10 +124,15 @@ def test_the_hint_brings_the_candidates_rows_into_the_page_cache(tmp_path):
 def test_only_a_mapped_refined_index_reads_ahead_and_it_answers_as_without(tmp_path):
     path, vectors = _mapped_ivfpq_file(tmp_path)
     mapped, in_memory = read_faiss(path, mmap=True), read_faiss(path, mmap=False)
-    prefetch = RowPrefetch.for_index(mapped, refined=True, mapped=True)
+    prefetch = RowPrefetch.for_index(mapped, mapped=True)
     assert prefetch is not None
-    assert RowPrefetch.for_index(in_memory, refined=True, mapped=True) is None  # owns its rows
-    assert RowPrefetch.for_index(mapped, refined=False, mapped=True) is None
+    assert RowPrefetch.for_index(in_memory, mapped=True) is None  # owns its rows
+    for name, unrefined in (("flat", faiss.IndexIDMap2(faiss.IndexFlatIP(128))),
+                            ("codes", backends.new_index("ivfpq", 128, backends.parse_params(
+                                {"nlist": 32, "refine_k_factor": 0}), vectors)[0])):
+        backends.add(unrefined, vectors, np.arange(len(vectors), dtype=np.int64))
+        faiss.write_index(unrefined, str(tmp_path / f"{name}.faiss"))
+        assert RowPrefetch.for_index(read_faiss(tmp_path / f"{name}.faiss", mmap=True), mapped=True) is None
     tombstones = backends.Tombstones(np.arange(0, 6000 * 5, 15, dtype=np.int64), mapped, "ivfpq")
     queries = vectors[:50]
     params = {"refine_k_factor": 8, "nprobe": 16}
@@ -156,7 +161,7 @@ def test_a_mapped_hnswsq_index_reads_ahead_too_and_answers_as_without(tmp_path):
     path = tmp_path / "hnswsq.faiss"
     faiss.write_index(index, str(path))
     mapped, in_memory = read_faiss(path, mmap=True), read_faiss(path, mmap=False)
-    prefetch = RowPrefetch.for_index(mapped, refined=True, mapped=True)
+    prefetch = RowPrefetch.for_index(mapped, mapped=True)
     assert prefetch is not None and prefetch.row_bytes == 64 * 2
     hinted = backends.search(mapped, "hnswsq", vectors[:40], 10, resolved, None, prefetch=prefetch)
     plain = backends.search(in_memory, "hnswsq", vectors[:40], 10, resolved, None)
